@@ -1,0 +1,30 @@
+"""contextpatch: a transformer's context as exact weight patches (Dherin et al. 2025 and follow-ups)."""
+
+from ._errors import ContextPatchError, DegenerateNormError, PatchFileError, UnsupportedModelError
+from ._patches import LowRankPatch, ScalePatch, VectorPatch, stack_patches, sum_patches
+from .theory import (
+    GDDynamics,
+    ProductDynamics,
+    bias_patch,
+    gd_dynamics,
+    input_patch,
+    linear_attention_patch,
+    linear_loss,
+    normalized_inner,
+    output_weight_patch,
+    product_dynamics,
+    residual_patch,
+    scale_patch,
+    static_patch,
+    token_patch,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ContextPatchError", "DegenerateNormError", "PatchFileError", "UnsupportedModelError",
+    "LowRankPatch", "ScalePatch", "VectorPatch", "stack_patches", "sum_patches",
+    "GDDynamics", "ProductDynamics", "bias_patch", "gd_dynamics", "input_patch", "linear_attention_patch",
+    "linear_loss", "normalized_inner", "output_weight_patch", "product_dynamics", "residual_patch",
+    "scale_patch", "static_patch", "token_patch",
+]
