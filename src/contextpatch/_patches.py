@@ -114,7 +114,7 @@ class LowRankPatch:
         """Sum over a batch dimension: the summed patch has rank r · size(dim)."""
         nb = len(self.batch_shape)
         if not -nb <= dim < nb:
-            raise IndexError(f"dim {dim} is not a batch dimension of a patch with batch shape {tuple(self.batch_shape)}")
+            raise IndexError(f"dim {dim} is not a batch dimension (batch shape {tuple(self.batch_shape)})")
         dim = dim % nb
         U = self.U.movedim(dim, -3)
         V = self.V.movedim(dim, -3)

@@ -38,7 +38,7 @@ def _sq_norm(a: Tensor, tol: float | None, what: str) -> Tensor:
     t = default_tol(a.dtype) if tol is None else tol
     bad = ~(n2 > t * t)  # also catches NaN
     if bool(bad.any()):
-        worst = float(n2.min().sqrt()) if n2.numel() else float("nan")
+        worst = float(n2.detach().min().sqrt()) if n2.numel() else float("nan")
         raise DegenerateNormError(
             f"‖{what}‖ = {worst:.3g} is at or below the tolerance {t:.3g} in {int(bad.sum())} of "
             f"{bad.numel()} case(s): the patch ΔW = (W δ) {what}ᵀ/‖{what}‖² would be inf/NaN. "
@@ -48,7 +48,7 @@ def _sq_norm(a: Tensor, tol: float | None, what: str) -> Tensor:
 
 def _check_vec(name: str, x: Tensor, d: int) -> None:
     if x.dim() < 1 or x.shape[-1] != d:
-        raise ContextPatchError(f"{name} must have last dimension {d} (the input width of W), got shape {tuple(x.shape)}")
+        raise ContextPatchError(f"{name} must have last dimension {d} (the input width of W), got {tuple(x.shape)}")
 
 
 def token_patch(W: Tensor, delta: Tensor, a: Tensor, *, tol: float | None = None) -> LowRankPatch:
@@ -115,7 +115,7 @@ def scale_patch(delta_out: Tensor, u: Tensor, *, tol: float | None = None) -> Sc
     if bool(small.any()):
         raise DegenerateNormError(
             f"scale patch Δs = δ ⊘ u needs every |u_j| > {t:.3g}; {int(small.sum())} coordinate(s) are smaller "
-            f"(min |u_j| = {float(u.abs().min()):.3g}). Use the stable variant or a rank-1 output patch.")
+            f"(min |u_j| = {float(u.detach().abs().min()):.3g}). Use the stable variant or a rank-1 output patch.")
     return ScalePatch(delta_out / u)
 
 

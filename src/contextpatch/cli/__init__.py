@@ -1,0 +1,10 @@
+"""Command-line interface: ``contextpatch --help``. Each command module registers on the shared app."""
+
+from . import _core  # noqa: F401  (registers verify-block)
+from ._app import app
+
+__all__ = ["app"]
+
+
+def main() -> None:  # pragma: no cover
+    app()

@@ -1,0 +1,44 @@
+"""CLI: verify-block prints the equivalence, the control and ‖ΔW‖; bad input gives one clear message."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from contextpatch.cli import app
+
+runner = CliRunner()
+
+
+@pytest.mark.parametrize("layer", ["softmax", "linear", "rnn"])
+def test_verify_block_json(layer):
+    res = runner.invoke(app, ["verify-block", "--layer", layer, "--json", "--n-context", "8"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    assert {"max_abs_diff", "control_max_abs_diff", "patch_norm", "seed", "dtype"} <= out.keys()
+    assert out["max_abs_diff"] < 1e-12 < 1e-2 < out["control_max_abs_diff"]
+
+
+def test_verify_block_text_and_stack():
+    res = runner.invoke(app, ["verify-block", "--n-layers", "3", "--dtype", "float32", "--remove", "0,2"])
+    assert res.exit_code == 0, res.output
+    assert "control" in res.stdout and "Pre-LN stack of 3" in res.stdout
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--layer", "lstm"], "unknown contextual layer"),
+    (["--remove", "0,99"], "not a subset"),
+    (["--remove", "a"], "comma-separated"),
+    (["--n-context", "0"], "empty context"),
+    (["--dtype", "float16"], "dtype must be"),
+])
+def test_verify_block_bad_input(args, msg):
+    res = runner.invoke(app, ["verify-block", *args])
+    assert res.exit_code == 2
+    assert msg in res.output
+    assert "Traceback" not in res.output
+
+
+def test_help_everywhere():
+    assert runner.invoke(app, ["--help"]).exit_code == 0
+    assert "control" in runner.invoke(app, ["verify-block", "--help"]).stdout
