@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import given, reject, settings
 from hypothesis import strategies as st
 
 import contextpatch as cp
@@ -37,7 +37,11 @@ def block_case(draw):
 @settings(max_examples=15, deadline=None)
 @given(case=block_case(), n_layers=st.sampled_from([0, 0, 1, 3]))
 def test_equivalence_property(layer, dtype, case, n_layers):
-    r = verify_random_block(layer=layer, n_layers=n_layers, dtype=dtype, batch=2, **case)
+    try:
+        r = verify_random_block(layer=layer, n_layers=n_layers, dtype=dtype, batch=2, **case)
+    except cp.DegenerateNormError:
+        # e.g. linear attention with d_model = 1 and k·q ≈ 0: ‖A(x)‖ is (near) zero, and refusing is correct
+        reject()
     assert r.rel_diff <= BOUND[dtype], r
     # control: the unpatched reduced-context output differs (unless the removed tokens change nothing)
     assert r.control_max_abs_diff > 10 * r.max_abs_diff or r.control_max_abs_diff < 1e-6 or r.patch_norm < 1e-6

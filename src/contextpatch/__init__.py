@@ -2,6 +2,8 @@
 
 from ._errors import ContextPatchError, DegenerateNormError, PatchFileError, UnsupportedModelError
 from ._patches import LowRankPatch, ScalePatch, VectorPatch, stack_patches, sum_patches
+from .adapters import SUPPORTED_FAMILIES, get_adapter
+from .engine import ContextPatches, GenerationResult, Verification, extract, generate, run_patched, verify
 from .theory import (
     GDDynamics,
     ProductDynamics,
@@ -27,4 +29,6 @@ __all__ = [
     "GDDynamics", "ProductDynamics", "bias_patch", "gd_dynamics", "input_patch", "linear_attention_patch",
     "linear_loss", "normalized_inner", "output_weight_patch", "product_dynamics", "residual_patch",
     "scale_patch", "static_patch", "token_patch",
+    "ContextPatches", "GenerationResult", "Verification", "extract", "generate", "run_patched", "verify",
+    "SUPPORTED_FAMILIES", "get_adapter",
 ]

@@ -1,6 +1,9 @@
 """Command-line interface: ``contextpatch --help``. Each command module registers on the shared app."""
 
-from . import _core  # noqa: F401  (registers verify-block)
+from . import (
+    _core,  # noqa: F401  (registers verify-block)
+    _hf,  # noqa: F401  (registers extract, verify)
+)
 from ._app import app
 
 __all__ = ["app"]

