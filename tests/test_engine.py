@@ -353,3 +353,21 @@ def test_cuda():
 def test_public_api():
     for name in ("extract", "generate", "run_patched", "verify", "ContextPatches"):
         assert name in cp.__all__ and hasattr(cp, name)
+
+
+def test_kept_tokens_around_a_middle_context_span_attend_to_each_other():
+    """HF reads a jump in position_ids (no mask) as a new packed sequence; the engine must not let it."""
+    from contextpatch.engine._patched import run_model
+
+    model = tiny_model("gpt2", dtype=torch.float64, seed=1)
+    ids = torch.randint(0, 100, (1, 12), generator=torch.Generator().manual_seed(0))
+    kept = torch.cat([ids[:, :4], ids[:, 8:]], 1)
+    pos = torch.cat([torch.arange(4), torch.arange(8, 12)])[None]
+    with torch.no_grad():
+        ours = run_model(model, get_adapter(model), kept, position_ids=pos).logits
+        full = model(kept, attention_mask=torch.ones_like(kept), position_ids=pos).logits
+        guessed = model(kept, position_ids=pos, use_cache=False).logits  # HF guesses two packed sequences
+    assert torch.equal(ours, full)
+    assert (ours[:, 4:] - guessed[:, 4:]).abs().max() > 1e-2   # control: the trap is real
+    v = verify(model, ids, context=(4, 8))
+    assert v.max_abs_diff <= 1e-12 and v.control_max_abs_diff > 1e-2

@@ -19,7 +19,16 @@ import torch
 from torch import Tensor, nn
 
 from ..adapters import FamilyAdapter, get_adapter
-from ._common import accepts, check_model, compute_dtype, first_arg, first_out, forward_kwargs, model_output
+from ._common import (
+    accepts,
+    check_model,
+    compute_dtype,
+    explicit_mask,
+    first_arg,
+    first_out,
+    forward_kwargs,
+    model_output,
+)
 
 __all__ = ["Targets", "CaptureResult", "capture_targets"]
 
@@ -93,7 +102,8 @@ def capture_targets(model: nn.Module, input_ids: Tensor, index: Tensor, *, adapt
         kw["logits_to_keep"] = index if need_output else 1
     try:
         with torch.no_grad():
-            out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+            mask = explicit_mask(input_ids, attention_mask, position_ids, past_key_values)
+            out = model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
                         **kw, **model_kwargs)
     finally:
         for h in handles:

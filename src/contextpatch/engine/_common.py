@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from .._errors import ContextPatchError
 
-__all__ = ["compute_dtype", "first_arg", "first_out", "model_output", "forward_kwargs", "check_model"]
+__all__ = ["compute_dtype", "first_arg", "first_out", "model_output", "forward_kwargs", "check_model", "explicit_mask"]
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -61,3 +61,15 @@ def check_model(model: nn.Module) -> None:
     if any(p.device.type == "meta" for p in model.parameters()):
         raise ContextPatchError("the model has offloaded (meta-device) weights; patches need every layer's "
                                 "weights on a real device (use a device_map without disk/cpu offload)")
+
+
+def explicit_mask(input_ids: Tensor, attention_mask, position_ids, past_key_values):
+    """An all-ones (B, T) mask where HF would otherwise guess one from ``position_ids``.
+
+    With no mask and no cache, HF reads a jump in ``position_ids`` as the start of a new packed sequence and
+    blocks attention across it (``masking_utils.find_packed_sequence_indices``). Kept tokens with a gap in
+    their positions (a context span in the middle) must still attend to each other, so pass a mask.
+    """
+    if attention_mask is None and position_ids is not None and past_key_values is None:
+        return torch.ones(input_ids.shape, dtype=torch.long, device=input_ids.device)
+    return attention_mask

@@ -31,7 +31,16 @@ from ..adapters import FamilyAdapter, get_adapter
 from ..theory import input_patch, output_weight_patch, scale_patch
 from . import _moe
 from ._capture import Targets
-from ._common import accepts, check_model, compute_dtype, first_arg, first_out, forward_kwargs, model_output
+from ._common import (
+    accepts,
+    check_model,
+    compute_dtype,
+    explicit_mask,
+    first_arg,
+    first_out,
+    forward_kwargs,
+    model_output,
+)
 
 __all__ = ["PatchSession", "PatchedResult", "patched_pass", "resolve_slot", "side"]
 
@@ -306,7 +315,8 @@ def run_model(model: nn.Module, adapter: FamilyAdapter, input_ids: Tensor, *, po
     if adapter.causal and accepts(model, "logits_to_keep"):
         kw["logits_to_keep"] = 0
     with torch.no_grad():
-        return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kw,
+        mask = explicit_mask(input_ids, attention_mask, position_ids, past_key_values)
+        return model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, **kw,
                      **model_kwargs)
 
 
