@@ -1,0 +1,184 @@
+"""One context, many rows: shared context passes for many queries and for every prefix of the context.
+
+Both producers replace step 1 of the engine (the capture pass) by ONE packed pass (see
+:mod:`contextpatch._packing`): the context is computed once and every row's query tokens attend to
+their own context prefix through a 4-D attention mask (the context's KV cache, shared). Step 2 is the
+usual :func:`~contextpatch.engine.patched_pass` over a batch of rows.
+
+    extract_many(model, context, queries)     R = Q rows, each the whole context + its own query
+    extract_prefixes(model, context, query)   R = n rows, row i = prefix c_1..c_i + the query
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .._errors import ContextPatchError
+from .._packing import Packed, additive_mask, pack_rows
+from ..adapters import FamilyAdapter, get_adapter
+from ._capture import Targets, capture_targets
+from ._common import check_model
+from ._container import ContextPatches
+from ._extract import build_meta, extract
+from ._patched import patched_pass
+
+__all__ = ["extract_many", "extract_prefixes", "extract_prefixes_naive", "packed_attention_mask"]
+
+
+def packed_attention_mask(model: nn.Module, packed: Packed) -> Tensor | dict[str, Tensor]:
+    """The 4-D additive mask of a packed sequence, with the model's sliding windows applied.
+
+    Mixed full/sliding models (Gemma-2/3, Qwen2/3 with ``layer_types``) get a dict keyed by layer type;
+    models whose every layer slides (Mistral/Mixtral with ``sliding_window``) get the windowed mask.
+    A key at position p_k is visible from position p_q in a window W iff p_k > p_q − W (HF's rule).
+    """
+    cfg = model.config
+    dtype = next(model.parameters()).dtype
+    full = packed.mask(dtype)
+    window = getattr(cfg, "sliding_window", None)
+    if not window:
+        return full
+    pos = packed.position_ids[0]
+    in_window = pos[None, :] > pos[:, None] - int(window)
+    windowed = additive_mask(packed.allowed & in_window, dtype)
+    types = getattr(cfg, "layer_types", None)
+    if types and "sliding_attention" in types:
+        return {"full_attention": full, "sliding_attention": windowed}
+    if getattr(cfg, "model_type", "") in ("mistral", "mixtral"):
+        return windowed
+    return full
+
+
+def _check(model: nn.Module, adapter: FamilyAdapter, context_ids: Tensor) -> Tensor:
+    check_model(model)
+    if not adapter.causal:
+        raise ContextPatchError(f"shared context passes need a causal model; {adapter.name} is bidirectional "
+                                "(every token sees every other): use extract() per query instead")
+    ids = torch.as_tensor(context_ids).reshape(-1) if not isinstance(context_ids, Tensor) else context_ids
+    if ids.dim() != 1 or ids.numel() == 0:
+        raise ContextPatchError(f"context_ids must be a non-empty 1-D tensor of token ids, got {tuple(ids.shape)}")
+    return ids
+
+
+def _run_packed(model, adapter, context_ids: Tensor, queries: Sequence[Tensor], prefix_lengths: list[int], *,
+                query_positions: str, output_patch: str, stable: bool, tol: float | None,
+                chunk_size: int | None) -> ContextPatches:
+    dev = next(model.parameters()).device
+    R, T = len(queries), int(queries[0].shape[-1])
+    chunk = chunk_size or R
+    if chunk < 1:
+        raise ContextPatchError(f"chunk_size must be ≥ 1, got {chunk_size}")
+    zs: list[list[Tensor]] = []
+    rs: list[list[Tensor]] = []
+    query_pos: list[Tensor] = []
+    for s in range(0, R, chunk):
+        packed = pack_rows(context_ids.to(dev), [q.to(dev) for q in queries[s:s + chunk]],
+                           prefix_lengths[s:s + chunk], query_positions=query_positions)
+        cap = capture_targets(model, packed.input_ids, packed.row_positions.reshape(1, -1), adapter=adapter,
+                              attention_mask=packed_attention_mask(model, packed),
+                              position_ids=packed.position_ids, need_output=False)
+        r = packed.row_positions.shape[0]
+        zs.append([z.reshape(r, T, -1) for z in cap.targets.z])
+        rs.append([x.reshape(r, T, -1) for x in cap.targets.r])
+        query_pos.append(packed.position_ids[0, packed.row_positions])
+    L = len(zs[0])
+    targets = Targets([torch.cat([c[i] for c in zs]) for i in range(L)],
+                      [torch.cat([c[i] for c in rs]) for i in range(L)])
+    query_ids = torch.stack([q.to(dev) for q in queries])
+    position_ids = torch.cat(query_pos)
+    res = patched_pass(model, query_ids, targets, adapter=adapter, position_ids=position_ids,
+                       output_patch=output_patch, stable=stable, tol=tol)
+    n = int(context_ids.numel())
+    index = position_ids.new_tensor(range(n, n + T)).expand(R, T)
+    context_mask = torch.zeros(R, n + T, dtype=torch.bool, device=dev)
+    for row, p in enumerate(prefix_lengths):
+        context_mask[row, :p] = True
+    meta = build_meta(model, adapter, res.slot, bos_is_context=True, renumber_positions=False, stable=stable)
+    meta["shared_context"] = {"context_length": n, "prefix_lengths": list(prefix_lengths),
+                              "query_positions": query_positions}
+    valid = torch.ones(R, T, dtype=torch.bool, device=dev)
+    return ContextPatches(res.layers, query_ids, position_ids, valid, index, context_mask, meta)
+
+
+def extract_many(model: nn.Module, context_ids: Tensor, queries: Sequence[Tensor] | Tensor, *,
+                 output_patch: str = "auto", stable: bool = False, tol: float | None = None,
+                 chunk_size: int | None = None) -> ContextPatches:
+    """Patches for Q queries against ONE context, sharing a single context pass.
+
+    Row q of the result is what ``extract(model, cat(context, queries[q]), context=n)`` gives: its query tokens
+    keep their positions n..n+T−1. Causal models only.
+
+    Args:
+        context_ids: (n,) the shared context.
+        queries: Q id tensors of equal length T, or a (Q, T) tensor.
+        chunk_size: pack at most this many queries per context pass (bounds the packed length n + chunk·T).
+    Returns:
+        :class:`ContextPatches` with batch (Q, T).
+    """
+    adapter = get_adapter(model)
+    ctx = _check(model, adapter, context_ids)
+    qs = list(queries.unbind(0)) if isinstance(queries, Tensor) and queries.dim() == 2 else list(queries)
+    if not qs:
+        raise ContextPatchError("no queries given")
+    n = int(ctx.numel())
+    return _run_packed(model, adapter, ctx, qs, [n] * len(qs), query_positions="original",
+                       output_patch=output_patch, stable=stable, tol=tol, chunk_size=chunk_size)
+
+
+def extract_prefixes(model: nn.Module, context_ids: Tensor, query_ids: Tensor, *,
+                     prefix_lengths: Sequence[int] | None = None, query_positions: str = "prefix",
+                     output_patch: str = "auto", stable: bool = False, tol: float | None = None,
+                     chunk_size: int | None = None) -> ContextPatches:
+    """Patches of the query for every context prefix c_1..c_i, i = 1..n, in one packed pass.
+
+    Row i−1 is what ``extract(model, cat(context[:i], query), context=i)`` gives. A causal context token never
+    sees later tokens, so the n prefix prompts share the context's keys and values.
+
+    Args:
+        context_ids: (n,); query_ids: (T,).
+        prefix_lengths: which prefixes (default 1..n).
+        query_positions: ``"prefix"`` (default): in row i the query sits at positions i..i+T−1, as in the prompt
+            [c_1..c_i, x]; ``"original"``: at n..n+T−1 in every row.
+    """
+    adapter = get_adapter(model)
+    ctx = _check(model, adapter, context_ids)
+    q = torch.as_tensor(query_ids).reshape(-1)
+    if q.numel() == 0:
+        raise ContextPatchError("the query is empty")
+    n = int(ctx.numel())
+    lengths = list(range(1, n + 1)) if prefix_lengths is None else [int(p) for p in prefix_lengths]
+    if not lengths or any(not 1 <= p <= n for p in lengths):
+        raise ContextPatchError(f"prefix lengths must lie in 1..{n} (an empty prefix has no patch), got {lengths[:8]}")
+    return _run_packed(model, adapter, ctx, [q] * len(lengths), lengths, query_positions=query_positions,
+                       output_patch=output_patch, stable=stable, tol=tol, chunk_size=chunk_size)
+
+
+def extract_prefixes_naive(model: nn.Module, context_ids: Tensor, query_ids: Tensor, *,
+                           prefix_lengths: Sequence[int] | None = None, query_positions: str = "prefix",
+                           progress=None, **kwargs) -> ContextPatches:
+    """The reference for :func:`extract_prefixes`: one full :func:`extract` per prefix (n forward passes).
+
+    ``progress`` (optional) is called with each finished prefix index, e.g. a progress bar's update.
+    """
+    ctx = torch.as_tensor(context_ids).reshape(-1)
+    q = torch.as_tensor(query_ids).reshape(-1)
+    n, T = int(ctx.numel()), int(q.numel())
+    lengths = list(range(1, n + 1)) if prefix_lengths is None else [int(p) for p in prefix_lengths]
+    rows = []
+    for i in lengths:
+        start = i if query_positions == "prefix" else n
+        pos = torch.cat([torch.arange(i), torch.arange(start, start + T)])
+        rows.append(extract(model, torch.cat([ctx[:i], q]), context=i, position_ids=pos[None], **kwargs))
+        if progress is not None:
+            progress(i)
+    first = rows[0]
+    layers = [{k: torch.cat([r.layers[li][k] for r in rows]) for k in layer} for li, layer in enumerate(first.layers)]
+    meta = dict(first.meta)
+    meta["shared_context"] = {"context_length": n, "prefix_lengths": lengths, "query_positions": query_positions,
+                              "naive": True}
+    cat = {k: torch.cat([getattr(r, k) for r in rows]) for k in ("query_ids", "position_ids", "valid", "query_index")}
+    return ContextPatches(layers, cat["query_ids"], cat["position_ids"], cat["valid"], cat["query_index"],
+                          torch.zeros(len(rows), n + T, dtype=torch.bool), meta)
