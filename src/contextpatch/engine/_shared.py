@@ -11,7 +11,7 @@ usual :func:`~contextpatch.engine.patched_pass` over a batch of rows.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -65,7 +65,7 @@ def _check(model: nn.Module, adapter: FamilyAdapter, context_ids: Tensor) -> Ten
 
 def _run_packed(model, adapter, context_ids: Tensor, queries: Sequence[Tensor], prefix_lengths: list[int], *,
                 query_positions: str, output_patch: str, stable: bool, tol: float | None,
-                chunk_size: int | None) -> ContextPatches:
+                chunk_size: int | None, progress: Callable[[int], None] | None = None) -> ContextPatches:
     dev = next(model.parameters()).device
     R, T = len(queries), int(queries[0].shape[-1])
     chunk = chunk_size or R
@@ -84,6 +84,8 @@ def _run_packed(model, adapter, context_ids: Tensor, queries: Sequence[Tensor], 
         zs.append([z.reshape(r, T, -1) for z in cap.targets.z])
         rs.append([x.reshape(r, T, -1) for x in cap.targets.r])
         query_pos.append(packed.position_ids[0, packed.row_positions])
+        if progress is not None:
+            progress(r)
     L = len(zs[0])
     targets = Targets([torch.cat([c[i] for c in zs]) for i in range(L)],
                       [torch.cat([c[i] for c in rs]) for i in range(L)])
@@ -131,7 +133,7 @@ def extract_many(model: nn.Module, context_ids: Tensor, queries: Sequence[Tensor
 def extract_prefixes(model: nn.Module, context_ids: Tensor, query_ids: Tensor, *,
                      prefix_lengths: Sequence[int] | None = None, query_positions: str = "prefix",
                      output_patch: str = "auto", stable: bool = False, tol: float | None = None,
-                     chunk_size: int | None = None) -> ContextPatches:
+                     chunk_size: int | None = None, progress: Callable[[int], None] | None = None) -> ContextPatches:
     """Patches of the query for every context prefix c_1..c_i, i = 1..n, in one packed pass.
 
     Row i−1 is what ``extract(model, cat(context[:i], query), context=i)`` gives. A causal context token never
@@ -142,6 +144,8 @@ def extract_prefixes(model: nn.Module, context_ids: Tensor, query_ids: Tensor, *
         prefix_lengths: which prefixes (default 1..n).
         query_positions: ``"prefix"`` (default): in row i the query sits at positions i..i+T−1, as in the prompt
             [c_1..c_i, x]; ``"original"``: at n..n+T−1 in every row.
+        chunk_size: rows per packed pass (bounds memory: the packed length is n + chunk·T).
+        progress: called with the number of rows finished after each packed pass (e.g. a progress bar).
     """
     adapter = get_adapter(model)
     ctx = _check(model, adapter, context_ids)
@@ -153,7 +157,7 @@ def extract_prefixes(model: nn.Module, context_ids: Tensor, query_ids: Tensor, *
     if not lengths or any(not 1 <= p <= n for p in lengths):
         raise ContextPatchError(f"prefix lengths must lie in 1..{n} (an empty prefix has no patch), got {lengths[:8]}")
     return _run_packed(model, adapter, ctx, [q] * len(lengths), lengths, query_positions=query_positions,
-                       output_patch=output_patch, stable=stable, tol=tol, chunk_size=chunk_size)
+                       output_patch=output_patch, stable=stable, tol=tol, chunk_size=chunk_size, progress=progress)
 
 
 def extract_prefixes_naive(model: nn.Module, context_ids: Tensor, query_ids: Tensor, *,
