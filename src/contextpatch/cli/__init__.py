@@ -3,6 +3,7 @@
 from . import (
     _core,  # noqa: F401  (registers verify-block)
     _dynamics,  # noqa: F401  (registers dynamics)
+    _experiments,  # noqa: F401  (registers reproduce, experiment, train)
     _hf,  # noqa: F401  (registers extract, verify)
 )
 from ._app import app
