@@ -70,6 +70,7 @@ def explicit_mask(input_ids: Tensor, attention_mask, position_ids, past_key_valu
     blocks attention across it (``masking_utils.find_packed_sequence_indices``). Kept tokens with a gap in
     their positions (a context span in the middle) must still attend to each other, so pass a mask.
     """
-    if attention_mask is None and position_ids is not None and past_key_values is None:
-        return torch.ones(input_ids.shape, dtype=torch.long, device=input_ids.device)
+    if attention_mask is None and position_ids is not None and past_key_values is None and position_ids.shape[-1] > 1:
+        if bool((position_ids.diff(dim=-1) != 1).any()):
+            return torch.ones(input_ids.shape, dtype=torch.long, device=input_ids.device)
     return attention_mask

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import asdict, dataclass
 
 import torch
@@ -17,19 +18,34 @@ from ._patched import applied_session, patched_pass, run_model
 __all__ = ["extract", "verify", "run_patched", "Verification", "build_meta"]
 
 
+_NORM_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def _weight_norms(model: nn.Module, adapter: FamilyAdapter) -> list[dict[str, float | None]]:
+    """‖W_in‖, ‖W_out‖ (and the norm scale) per layer, cached per model until a weight changes in place.
+
+    The norms read every MLP weight once (in float64); the cache keeps that cost out of repeated extractions.
+    """
     def fro(*ws) -> float:
         return float(sum(w.detach().double().pow(2).sum() for w in ws) ** 0.5)
 
-    out = []
-    for b in adapter.resolve(model):
+    blocks = adapter.resolve(model)
+    mats = []
+    for b in blocks:
         ins = [m.weight for m in b.inputs.values()]
         if b.router is not None:
             ins += [b.router.weight, b.experts.gate_up_proj]
         o = b.experts.down_proj if b.experts is not None else b.output.weight
-        s = fro(adapter.scale_offset + b.scale_norm.weight.double()) if b.scale_norm is not None else None
-        out.append({"in": fro(*ins), "out": fro(o), "scale": s})
-    return out
+        sc = [b.scale_norm.weight] if b.scale_norm is not None else []
+        mats.append((ins, o, sc))
+    key = tuple((id(w), w._version) for ins, o, sc in mats for w in (*ins, o, *sc))
+    hit = _NORM_CACHE.get(model)
+    if hit is not None and hit[0] == key:
+        return [dict(d) for d in hit[1]]
+    out = [{"in": fro(*ins), "out": fro(o), "scale": fro(adapter.scale_offset + sc[0].double()) if sc else None}
+           for ins, o, sc in mats]
+    _NORM_CACHE[model] = (key, out)
+    return [dict(d) for d in out]
 
 
 def _run(model, input_ids, context, *, query, attention_mask, position_ids, token_type_ids, bos_is_context,
