@@ -27,7 +27,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/run_all.py
 
 parity: $(STAMP)
-	$(BIN)/python benchmarks/parity_table.py
+	$(BIN)/python benchmarks/parity_table.py --readme
 
 clean:
 	rm -rf $(VENV) runs

@@ -18,6 +18,9 @@ from pathlib import Path
 import torch
 import transformers
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _readme import update_section, write_atomic  # noqa: E402
+
 from contextpatch import verify
 from contextpatch.adapters import TINY_ARCHS, get_adapter, tiny_model
 
@@ -46,6 +49,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="docs/parity.md", help="markdown file to write (default docs/parity.md)")
     ap.add_argument("--seeds", type=int, default=3, help="random models/prompts per cell (default 3)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (tiny models: 1 is fastest)")
+    ap.add_argument("--readme", action="store_true", help="also write the table into README.md's parity section")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     t0 = time.time()
@@ -66,7 +70,9 @@ def main(argv=None) -> int:
     print(text)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text)
+        write_atomic(Path(args.out), text)
+    if args.readme:
+        update_section("parity", text)
     return 0 if ok_all else 1
 
 

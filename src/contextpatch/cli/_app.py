@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
-import math
 import sys
 from typing import Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
+
+from .._io import jsonable
 
 app = typer.Typer(
     name="contextpatch",
@@ -24,19 +25,9 @@ console = Console(stderr=False)
 err_console = Console(stderr=True)
 
 
-def _jsonable(x: Any) -> Any:
-    if isinstance(x, float) and not math.isfinite(x):
-        return str(x)
-    if isinstance(x, dict):
-        return {k: _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    return x
-
-
 def print_json(obj: dict) -> None:
     """Print one JSON object on stdout (machine-readable output of ``--json``)."""
-    sys.stdout.write(json.dumps(_jsonable(obj), indent=2, sort_keys=False) + "\n")
+    sys.stdout.write(json.dumps(jsonable(obj), indent=2, sort_keys=False) + "\n")
 
 
 def print_table(title: str, columns: list[str], rows: list[list[Any]]) -> None:

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import typer
 
 from .._errors import ContextPatchError
+from .._io import atomic_write_json, ensure_out_dir, save_figure
 from ._app import app, console, fail, print_json, print_table
 from ._hf import _ARCH, _CLEN, _CONTEXT, _DEVICE, _DTYPE, _JSON, _MODEL, _QLEN, _QUERY, _RANDOM, _SEED, _load
 
@@ -18,8 +18,6 @@ def plot_dynamics(dyn, path: Path, *, token: int = -1) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from ..engine._container import _atomic_write
 
     x = dyn.prefix_lengths
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
@@ -38,8 +36,7 @@ def plot_dynamics(dyn, path: Path, *, token: int = -1) -> None:
     ax2.set_title("cumulative patch")
     ax2.legend(fontsize=7, ncol=2 if L > 8 else 1)
     fig.tight_layout()
-    _atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 @app.command("dynamics")
@@ -57,17 +54,12 @@ def dynamics_cmd(
     from rich.progress import Progress
 
     from ..engine import prefix_dynamics
-    from ..engine._container import _atomic_write
 
     inp = _load(model, arch, random, context, query, context_len, query_len, dtype, device, seed)
     ids = inp.input_ids[0]
     ctx, q = ids[:inp.n_context], ids[inp.n_context:]
     try:
-        outdir = Path(out)
-        outdir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        fail(f"cannot create --out {out!r}: {e}")
-    try:
+        outdir = ensure_out_dir(out)
         with Progress(transient=True, disable=json_out) as bar:
             task = bar.add_task("prefix passes", total=len(ctx))
             dyn = prefix_dynamics(inp.model, ctx, q, query_positions=query_positions, chunk_size=chunk_size,
@@ -76,7 +68,7 @@ def dynamics_cmd(
         fail(str(e))
     result = dyn.to_dict()
     result.update(arch=inp.arch, dtype=dtype, seed=seed, context_ids=ctx.tolist(), query_ids=q.tolist())
-    _atomic_write(outdir / "dynamics.json", lambda tmp: Path(tmp).write_text(json.dumps(result, indent=1)))
+    atomic_write_json(outdir / "dynamics.json", result)
     plot_dynamics(dyn, outdir / "dynamics.png")
     if json_out:
         print_json({k: result[k] for k in ("arch", "dtype", "seed", "prefix_lengths", "matrices",

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from .._errors import PatchFileError
+from .._io import atomic_write_with
 from .._patches import LowRankPatch, ScalePatch, VectorPatch
 from ..adapters import get_adapter
 
@@ -61,17 +61,6 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 @dataclass
@@ -221,7 +210,7 @@ class ContextPatches:
         tensors = {f"layer.{i}.{k}": v.detach().to("cpu").contiguous() for i, P in enumerate(self.layers)
                    for k, v in P.items()}
         tensors.update({k: getattr(self, k).detach().to("cpu").contiguous() for k in _BLOCK_KEYS})
-        _atomic_write(d / _TENSOR_FILE, lambda tmp: save_file(tensors, tmp, metadata={"format": "contextpatch"}))
+        atomic_write_with(d / _TENSOR_FILE, lambda tmp: save_file(tensors, tmp, metadata={"format": "contextpatch"}))
         meta = {"format_version": FORMAT_VERSION, "tensor_file": _TENSOR_FILE,
                 "tensor_sha256": _sha256(d / _TENSOR_FILE), "tensors": sorted(tensors),
                 "num_layers": self.num_layers, "meta": self.meta}
@@ -229,7 +218,7 @@ class ContextPatches:
         def write_json(tmp):
             with open(tmp, "w") as f:
                 json.dump(meta, f, indent=1, sort_keys=True)
-        _atomic_write(d / _META_FILE, write_json)
+        atomic_write_with(d / _META_FILE, write_json)
         return d
 
     @classmethod

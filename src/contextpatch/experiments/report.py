@@ -1,84 +1,13 @@
-"""Atomic file output (temp file + os.replace), figure saving, and small report helpers."""
+"""Small report helpers (number formatting); file output lives in :mod:`contextpatch._io`."""
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import tempfile
-from pathlib import Path
-from typing import Any
+
+from .._io import atomic_write_bytes, atomic_write_json, atomic_write_text, ensure_out_dir, jsonable, save_figure
 
 __all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_write_json", "save_figure", "fmt", "ensure_out_dir",
            "jsonable"]
-
-
-def ensure_out_dir(path: Path | str) -> Path:
-    """Create the output folder (with parents) and check it is writable; raise ContextPatchError otherwise."""
-    from .._errors import ContextPatchError
-
-    p = Path(path)
-    try:
-        p.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=p, prefix=".write-test-")
-        os.close(fd)
-        os.unlink(tmp)
-    except OSError as e:
-        raise ContextPatchError(f"output folder {p} is not writable: {e.strerror or e}") from e
-    return p
-
-
-def atomic_write_bytes(path: Path | str, data: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write_text(path: Path | str, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def jsonable(x: Any) -> Any:
-    if isinstance(x, float):
-        return x if math.isfinite(x) else str(x)
-    if isinstance(x, dict):
-        return {str(k): jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [jsonable(v) for v in x]
-    if hasattr(x, "item") and getattr(x, "ndim", 1) == 0:
-        return jsonable(x.item())
-    return x
-
-
-def atomic_write_json(path: Path | str, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(jsonable(obj), indent=2) + "\n")
-
-
-def save_figure(fig, path: Path | str, dpi: int = 130) -> None:
-    """Save a matplotlib figure to PNG atomically and close it."""
-    import io
-
-    import matplotlib.pyplot as plt
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
 
 
 def fmt(x: float, digits: int = 3) -> str:

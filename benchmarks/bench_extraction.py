@@ -1,0 +1,104 @@
+"""Targets 1 and 2 of issue 5: extraction overhead, peak memory, factored storage, captured vectors.
+
+Workload: GPT-2-small-sized random model (12 layers, d = 768), float32, CPU; 512 context tokens followed by
+32 query tokens; all-layer patches for the 32 query tokens.
+
+    time(extract) / time(plain with-context forward + plain context-free forward)       bar ≤ 1.25
+    peak memory(extract) / peak memory(the two plain forwards)                          bar ≤ 1.3
+    bytes of the dense ΔW matrices / bytes of the stored factors                        bar ≥ 100
+    bytes of a full hidden-state cache / bytes captured by the capture pass             (reported)
+
+The plain forwards compute logits only where they are needed (the 32 query tokens), like the extraction.
+Timings are steady state: the per-model weight norms stored in the patch metadata are computed by the first
+extraction of a model (≈ 0.3 s here) and cached; the warm-up run absorbs that.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+from _common import best_time, gpt2_model, ids, peak_memory, report
+
+from contextpatch import extract, verify
+from contextpatch.engine import capture_targets, make_layout
+
+
+def sizes(quick: bool) -> tuple[int, int]:
+    return (64, 8) if quick else (512, 32)
+
+
+def _inputs(quick: bool):
+    model = gpt2_model(quick=quick)
+    n, t = sizes(quick)
+    full = ids(n + t, model.config.vocab_size, seed=1)[None]
+    return model, full, n, t
+
+
+def setup_plain(quick: bool):
+    model, full, n, t = _inputs(quick)
+    query, pos = full[:, n:], torch.arange(n, n + t)[None]
+
+    def run():
+        model(full, use_cache=False, logits_to_keep=t)
+        model(query, position_ids=pos, attention_mask=torch.ones_like(query), use_cache=False)
+    return run
+
+
+def setup_extract(quick: bool):
+    model, full, n, _ = _inputs(quick)
+    return lambda: extract(model, full, context=n)
+
+
+def main(quick: bool = False, out: Path | None = None) -> list[dict]:
+    model, full, n, t = _inputs(quick)
+    plain, ext = setup_plain(quick), setup_extract(quick)
+    t_plain = best_time(plain)
+    t_ext = best_time(ext)
+    m_plain = peak_memory("bench_extraction:setup_plain", quick=quick)
+    m_ext = peak_memory("bench_extraction:setup_extract", quick=quick)
+    P = ext()
+    factor_bytes = sum(v.numel() * v.element_size() for layer in P.layers for v in layer.values())
+    dense_bytes = 0
+    for layer in P.layers:
+        per_tok = layer["in.V"].shape[-1]
+        for k, v in layer.items():
+            if k.startswith("in.U."):
+                dense_bytes += v.numel() * per_tok * v.element_size()
+            elif k == "out.U":
+                dense_bytes += v.numel() * layer["out.V"].shape[-1] * v.element_size()
+            elif k in ("out.bias", "out.scale"):
+                dense_bytes += v.numel() * v.element_size()
+    layout = make_layout(full, n)
+    with torch.no_grad():
+        cap = capture_targets(model, full, layout.index, need_output=False)
+    captured = sum(x.numel() * x.element_size() for x in cap.targets.z + cap.targets.r)
+    cache = (model.config.n_layer + 1) * full.shape[1] * model.config.n_embd * 4   # output_hidden_states
+    v = verify(model, full, context=n)
+    rows = [
+        {"target": f"1. time extract / time 2 plain forwards ({n} ctx, {t} query)",
+         "measured": f"{t_ext / t_plain:.3f}", "bar": "≤ 1.25", "met": t_ext / t_plain <= 1.25,
+         "detail": {"extract_s": round(t_ext, 3), "plain_forwards_s": round(t_plain, 3)}},
+        {"target": "2a. peak memory extract / 2 plain forwards", "measured": f"{m_ext / m_plain:.3f}", "bar": "≤ 1.3",
+         "met": m_ext / m_plain <= 1.3, "detail": {"extract_MiB": round(m_ext / 2**20, 1),
+                                                    "plain_MiB": round(m_plain / 2**20, 1)}},
+        {"target": "2b. dense ΔW bytes / stored factor bytes", "measured": f"{dense_bytes / factor_bytes:.0f}x",
+         "bar": "≥ 100x", "met": dense_bytes / factor_bytes >= 100,
+         "detail": {"factors_MiB": round(factor_bytes / 2**20, 2), "dense_MiB": round(dense_bytes / 2**20, 1)}},
+        {"target": "2c. full hidden-state cache / captured vectors", "measured": f"{cache / captured:.1f}x",
+         "bar": "(info)", "met": True,
+         "detail": {"captured_MiB": round(captured / 2**20, 2), "cache_MiB": round(cache / 2**20, 1),
+                    "patched_vs_with_context_max_abs_logit_diff": f"{v.max_abs_diff:.2e}",
+                    "unpatched_control": f"{v.control_max_abs_diff:.2e}"}},
+    ]
+    report("extraction", rows, out, quick)
+    return rows
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="tiny model: a smoke run, not a measurement")
+    ap.add_argument("--json", type=Path, default=None, help="append results to this JSON file")
+    a = ap.parse_args()
+    main(a.quick, a.json)

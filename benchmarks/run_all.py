@@ -1,0 +1,56 @@
+"""Run every issue-5 benchmark side by side and print (and save) the table of measured ratios.
+
+    python benchmarks/run_all.py            # the real targets (GPT-2-small-sized model; a few minutes on 2 cores)
+    python benchmarks/run_all.py --quick    # tiny model: a CI smoke run of the same code paths, no bars judged
+
+Writes ``benchmarks/results.json``, ``benchmarks/results.md`` and the README's benchmark table unless ``--quick``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import bench_extraction  # noqa: E402
+import bench_many_queries  # noqa: E402
+import bench_prefix_dynamics  # noqa: E402
+from _common import git_rev, machine  # noqa: E402
+from _readme import update_section, write_atomic  # noqa: E402
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="tiny model smoke run (CI), bars not judged")
+    ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch intra-op threads (default: all cores)")
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    print(f"machine: {machine()}; commit {git_rev()}")
+    rows = []
+    for mod in (bench_extraction, bench_many_queries, bench_prefix_dynamics):
+        rows += mod.main(quick=a.quick)
+    if a.quick:
+        print("\nquick smoke run finished: every benchmark ran (ratios on a tiny model are not measurements)")
+        return 0
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+    lines = [f"Measured {stamp} on {machine()}, commit {git_rev()} (`make bench`).", "",
+             "| target | measured | bar | met |", "|---|---|---|---|"]
+    lines += [f"| {r['target']} | {r['measured']} | {r['bar']} | {'yes' if r['met'] else 'NO'} |" for r in rows]
+    write_atomic(HERE / "results.md", "\n".join(lines) + "\n")
+    write_atomic(HERE / "results.json", json.dumps({"machine": machine(), "commit": git_rev(), "date": stamp,
+                                                    "rows": rows}, indent=1))
+    update_section("benchmarks", "\n".join(lines))
+    print("\n" + "\n".join(lines))
+    return 0 if all(r["met"] for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
