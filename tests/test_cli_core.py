@@ -42,3 +42,8 @@ def test_verify_block_bad_input(args, msg):
 def test_help_everywhere():
     assert runner.invoke(app, ["--help"]).exit_code == 0
     assert "control" in runner.invoke(app, ["verify-block", "--help"]).stdout
+
+
+def test_version():
+    res = runner.invoke(app, ["--version"])
+    assert res.exit_code == 0 and "contextpatch 0.1.0" in res.stdout

@@ -371,3 +371,14 @@ def test_kept_tokens_around_a_middle_context_span_attend_to_each_other():
     assert (ours[:, 4:] - guessed[:, 4:]).abs().max() > 1e-2   # control: the trap is real
     v = verify(model, ids, context=(4, 8))
     assert v.max_abs_diff <= 1e-12 and v.control_max_abs_diff > 1e-2
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "gemma3"])
+def test_bfloat16_models_use_float32_side_paths(arch):
+    """bf16 weights: the patches are computed and applied in float32; the logits match to bf16 rounding."""
+    model = tiny_model(arch, dtype=torch.bfloat16, seed=0)
+    ids = torch.randint(3, 100, (1, 12), generator=torch.Generator().manual_seed(0))
+    v = verify(model, ids, context=8)
+    assert v.dtype == "bfloat16"
+    assert v.max_abs_diff <= 0.1 and v.control_max_abs_diff > 20 * v.max_abs_diff
+    assert extract(model, ids, context=8).layers[0]["in.V"].dtype == torch.float32

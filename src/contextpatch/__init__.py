@@ -3,7 +3,19 @@
 from ._errors import ContextPatchError, DegenerateNormError, PatchFileError, UnsupportedModelError
 from ._patches import LowRankPatch, ScalePatch, VectorPatch, stack_patches, sum_patches
 from .adapters import SUPPORTED_FAMILIES, get_adapter
-from .engine import ContextPatches, GenerationResult, Verification, extract, generate, run_patched, verify
+from .engine import (
+    ContextPatches,
+    GenerationResult,
+    PrefixDynamics,
+    Verification,
+    extract,
+    extract_many,
+    extract_prefixes,
+    generate,
+    prefix_dynamics,
+    run_patched,
+    verify,
+)
 from .theory import (
     GDDynamics,
     ProductDynamics,
@@ -30,5 +42,6 @@ __all__ = [
     "linear_loss", "normalized_inner", "output_weight_patch", "product_dynamics", "residual_patch",
     "scale_patch", "static_patch", "token_patch",
     "ContextPatches", "GenerationResult", "Verification", "extract", "generate", "run_patched", "verify",
+    "extract_many", "extract_prefixes", "prefix_dynamics", "PrefixDynamics",
     "SUPPORTED_FAMILIES", "get_adapter",
 ]

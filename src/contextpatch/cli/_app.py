@@ -46,6 +46,15 @@ def fail(msg: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+def _version(value: bool) -> None:
+    if value:
+        from .. import __version__
+
+        console.print(f"contextpatch {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _main() -> None:
+def _main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print the version and exit.")) -> None:
     """contextpatch: exact context-to-weight patches (Dherin et al. 2025 and follow-ups)."""

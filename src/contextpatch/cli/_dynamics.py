@@ -47,7 +47,7 @@ def dynamics_cmd(
     dtype: str = _DTYPE, device: str = _DEVICE, seed: int = _SEED,
     query_positions: str = typer.Option("prefix", help="prefix: the query follows c_1..c_i directly (the prompt "
                                                        "[c_1..c_i, x]); original: it keeps its position after C."),
-    chunk_size: int = typer.Option(64, help="Prefix rows per packed context pass (bounds memory)."),
+    chunk_size: int = typer.Option(256, help="Prefix rows per packed context pass (bounds memory)."),
     json_out: bool = _JSON,
 ) -> None:
     """Per-layer ‖ΔW_i‖ and ‖ΔW_{i+1} − ΔW_i‖ over every prefix c_1..c_i of the context (one shared pass)."""
