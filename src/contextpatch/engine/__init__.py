@@ -10,10 +10,18 @@ from ._extract import Verification, extract, run_patched, verify
 from ._generate import GenerationResult, generate
 from ._layout import QueryLayout, make_layout
 from ._patched import PatchedResult, PatchSession, patched_pass, resolve_slot
-from ._shared import extract_many, extract_prefixes, extract_prefixes_naive, packed_attention_mask
+from ._shared import (
+    extract_many,
+    extract_prefixes,
+    extract_prefixes_naive,
+    packed_attention_mask,
+    packed_targets,
+)
+from ._static import evaluate_static, fit_static
+from ._static_patches import StaticPatches
 
 __all__ = ["CaptureResult", "Targets", "capture_targets", "ContextPatches", "config_hash", "weight_fingerprint",
            "Verification", "extract", "run_patched", "verify", "GenerationResult", "generate", "QueryLayout",
            "make_layout", "PatchedResult", "PatchSession", "patched_pass", "resolve_slot", "extract_many",
-           "extract_prefixes", "extract_prefixes_naive", "packed_attention_mask", "PrefixDynamics",
-           "dynamics_from_patches", "prefix_dynamics"]
+           "extract_prefixes", "extract_prefixes_naive", "packed_attention_mask", "packed_targets", "PrefixDynamics",
+           "dynamics_from_patches", "prefix_dynamics", "fit_static", "evaluate_static", "StaticPatches"]

@@ -25,7 +25,7 @@ from ._container import ContextPatches
 from ._extract import build_meta, extract
 from ._patched import patched_pass
 
-__all__ = ["extract_many", "extract_prefixes", "extract_prefixes_naive", "packed_attention_mask"]
+__all__ = ["extract_many", "extract_prefixes", "extract_prefixes_naive", "packed_attention_mask", "packed_targets"]
 
 
 def packed_attention_mask(model: nn.Module, packed: Packed) -> Tensor | dict[str, Tensor]:
@@ -63,9 +63,14 @@ def _check(model: nn.Module, adapter: FamilyAdapter, context_ids: Tensor) -> Ten
     return ids
 
 
-def _run_packed(model, adapter, context_ids: Tensor, queries: Sequence[Tensor], prefix_lengths: list[int], *,
-                query_positions: str, output_patch: str, stable: bool, tol: float | None,
-                chunk_size: int | None, progress: Callable[[int], None] | None = None) -> ContextPatches:
+def packed_targets(model: nn.Module, adapter: FamilyAdapter, context_ids: Tensor, queries: Sequence[Tensor],
+                   prefix_lengths: list[int], *, query_positions: str = "original", chunk_size: int | None = None,
+                   progress: Callable[[int], None] | None = None) -> tuple[Targets, Tensor]:
+    """Step 1 for R rows over one context: the with-context targets of every row's query tokens.
+
+    Row r is the prompt (c_1..c_{p_r}, queries[r]); rows are packed over the shared context, at most
+    ``chunk_size`` per pass. Returns the targets (z[ℓ], r[ℓ]: (R, T, ·)) and the query position ids (R, T).
+    """
     dev = next(model.parameters()).device
     R, T = len(queries), int(queries[0].shape[-1])
     chunk = chunk_size or R
@@ -89,8 +94,17 @@ def _run_packed(model, adapter, context_ids: Tensor, queries: Sequence[Tensor], 
     L = len(zs[0])
     targets = Targets([torch.cat([c[i] for c in zs]) for i in range(L)],
                       [torch.cat([c[i] for c in rs]) for i in range(L)])
+    return targets, torch.cat(query_pos)
+
+
+def _run_packed(model, adapter, context_ids: Tensor, queries: Sequence[Tensor], prefix_lengths: list[int], *,
+                query_positions: str, output_patch: str, stable: bool, tol: float | None,
+                chunk_size: int | None, progress: Callable[[int], None] | None = None) -> ContextPatches:
+    dev = next(model.parameters()).device
+    R, T = len(queries), int(queries[0].shape[-1])
+    targets, position_ids = packed_targets(model, adapter, context_ids, queries, prefix_lengths,
+                                           query_positions=query_positions, chunk_size=chunk_size, progress=progress)
     query_ids = torch.stack([q.to(dev) for q in queries])
-    position_ids = torch.cat(query_pos)
     res = patched_pass(model, query_ids, targets, adapter=adapter, position_ids=position_ids,
                        output_patch=output_patch, stable=stable, tol=tol)
     n = int(context_ids.numel())
