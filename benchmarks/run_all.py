@@ -31,7 +31,13 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny model smoke run (CI), bars not judged")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch intra-op threads (default: all cores)")
+    ap.add_argument("--render", action="store_true",
+                    help="only rebuild results.md and the README table from results.json (no measuring)")
     a = ap.parse_args()
+    if a.render:
+        data = json.loads((HERE / "results.json").read_text())
+        render(data)
+        return 0
     torch.set_num_threads(a.threads)
     print(f"machine: {machine()}; commit {git_rev()}")
     rows = []
@@ -41,15 +47,24 @@ def main() -> int:
         print("\nquick smoke run finished: every benchmark ran (ratios on a tiny model are not measurements)")
         return 0
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
-    lines = [f"Measured {stamp} on {machine()}, commit {git_rev()} (`make bench`).", "",
+    data = {"machine": machine(), "commit": git_rev(), "date": stamp, "rows": rows}
+    write_atomic(HERE / "results.json", json.dumps(data, indent=1))
+    render(data)
+    return 0 if all(r["met"] for r in rows) else 1
+
+
+def render(data: dict) -> None:
+    """results.json -> results.md and the README's benchmark table (cells escaped for markdown)."""
+    def cell(x) -> str:
+        return str(x).replace("|", "\\|")
+
+    lines = [f"Measured {data['date']} on {data['machine']}, commit {data['commit']} (`make bench`).", "",
              "| target | measured | bar | met |", "|---|---|---|---|"]
-    lines += [f"| {r['target']} | {r['measured']} | {r['bar']} | {'yes' if r['met'] else 'NO'} |" for r in rows]
+    lines += [f"| {cell(r['target'])} | {cell(r['measured'])} | {cell(r['bar'])} | {'yes' if r['met'] else 'NO'} |"
+              for r in data["rows"]]
     write_atomic(HERE / "results.md", "\n".join(lines) + "\n")
-    write_atomic(HERE / "results.json", json.dumps({"machine": machine(), "commit": git_rev(), "date": stamp,
-                                                    "rows": rows}, indent=1))
     update_section("benchmarks", "\n".join(lines))
     print("\n" + "\n".join(lines))
-    return 0 if all(r["met"] for r in rows) else 1
 
 
 if __name__ == "__main__":
