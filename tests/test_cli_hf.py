@@ -81,7 +81,7 @@ def test_help(cmd):
     (["verify", "--arch", "llama", "--random", "--context", "1,x"], "token ids"),
     (["verify", "--arch", "llama", "--random", "--context", "1,999"], "outside the vocabulary"),
     (["verify", "--arch", "llama", "--random", "--output-patch", "bias"], "no bias"),
-    (["verify", "--model", "/nonexistent/model/dir", "--context", "a", "--query", "b"], "could not load"),
+    (["verify", "--model", "/nonexistent/model/dir", "--context", "a", "--query", "b"], "no such folder"),
     (["extract", "--arch", "llama", "--random", "--out", "/proc/nope/x"], "could not write"),
 ])
 def test_bad_input_one_clear_message(args, msg):
@@ -89,3 +89,9 @@ def test_bad_input_one_clear_message(args, msg):
     assert res.exit_code == 2, res.output
     assert msg in res.output and "Traceback" not in res.output
     assert res.exception is None or isinstance(res.exception, SystemExit)
+
+
+def test_missing_model_folder_is_one_clear_error(tmp_path):
+    res = CliRunner().invoke(app, ["verify", "--model", str(tmp_path / "nope"), "--context", "a", "--query", "b"])
+    text = " ".join(res.output.split())  # rich wraps long lines
+    assert res.exit_code == 2 and "no such folder" in text and "Traceback" not in text

@@ -65,6 +65,9 @@ def _load(model: str | None, arch: str | None, random: bool, context: str | None
         return _Inputs(m, torch.tensor([c + q]), len(c), None, arch)
     if context is None or query is None:
         fail("--model needs --context TEXT and --query TEXT")
+    if (model.startswith((".", "/", "~")) or os.sep in model.strip("/").split("/", 1)[-1]) and \
+            not os.path.isdir(os.path.expanduser(model)):
+        fail(f"--model {model!r}: no such folder (give a local model folder or a Hub name like 'gpt2')")
     try:
         import transformers as tf
         cfg = tf.AutoConfig.from_pretrained(model)
