@@ -120,18 +120,23 @@ class LowRankPatch:
         V = self.V.movedim(dim, -3)
         return LowRankPatch(_fold_rank(U), _fold_rank(V))
 
-    def compress(self, rtol: float | None = None) -> LowRankPatch:
+    def compress(self, rtol: float | None = None, max_rank: int | None = None) -> LowRankPatch:
         """Re-factor to the smallest rank (QR of both factors, SVD of the small core).
 
         Singular values below ``rtol · σ_max`` are dropped (default: 10 · eps of the dtype · rank).
-        Batched patches keep the largest rank needed by any batch element.
+        Batched patches keep the largest rank needed by any batch element. ``max_rank`` additionally keeps at
+        most that many singular directions (the best rank-r approximation in Frobenius norm, Eckart–Young).
         """
+        if max_rank is not None and max_rank < 1:
+            raise ValueError(f"max_rank must be ≥ 1, got {max_rank}")
         Qu, Ru = torch.linalg.qr(self.U)
         Qv, Rv = torch.linalg.qr(self.V)
         P, S, Qh = torch.linalg.svd(Ru @ Rv.transpose(-1, -2))
         tol = rtol if rtol is not None else 10 * torch.finfo(self.dtype).eps * max(self.rank, 1)
         keep = int((S > tol * S[..., :1]).sum(-1).max().item()) if S.numel() else 0
         keep = max(keep, 1)
+        if max_rank is not None:
+            keep = min(keep, max_rank)
         sq = S[..., :keep].sqrt()
         return LowRankPatch(Qu @ P[..., :keep] * sq.unsqueeze(-2),
                             Qv @ Qh.transpose(-1, -2)[..., :keep] * sq.unsqueeze(-2))

@@ -5,6 +5,7 @@ from . import (
     _dynamics,  # noqa: F401  (registers dynamics)
     _experiments,  # noqa: F401  (registers reproduce, experiment, train)
     _hf,  # noqa: F401  (registers extract, verify)
+    _static,  # noqa: F401  (registers compress)
 )
 from ._app import app
 

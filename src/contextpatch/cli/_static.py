@@ -1,0 +1,132 @@
+"""``contextpatch compress``: fit a static (query-independent) context adapter, evaluate it, save it."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import typer
+from rich.progress import Progress
+
+from .._errors import ContextPatchError
+from ._app import app, console, err_console, fail, print_json, print_table
+from ._hf import _ARCH, _CLEN, _CONTEXT, _DEVICE, _DTYPE, _DTYPES, _JSON, _MODEL, _OUTP, _RANDOM, _SEED, _parse_ids
+
+
+def _model(model: str | None, arch: str | None, random: bool, dtype: str, device: str, seed: int):
+    """(model, tokenizer or None, family name)."""
+    if dtype not in _DTYPES:
+        fail(f"--dtype must be float32 or float64, got {dtype!r}")
+    if random == (model is not None):
+        fail("give either --model PATH_OR_NAME or --arch ARCH --random")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        fail(f"--device {device}: CUDA is not available on this machine")
+    if random:
+        from ..adapters import TINY_ARCHS, tiny_model
+        if arch is None or arch not in TINY_ARCHS:
+            fail(f"--random needs --arch, one of: {', '.join(TINY_ARCHS)} (got {arch!r})")
+        return tiny_model(arch, dtype=_DTYPES[dtype], seed=seed, device=device), None, arch
+    try:
+        import transformers as tf
+        m = tf.AutoModelForCausalLM.from_pretrained(model, dtype=_DTYPES[dtype], attn_implementation="eager")
+        m = m.to(device).eval()
+        tok = tf.AutoTokenizer.from_pretrained(model)
+    except (OSError, ValueError, KeyError) as e:
+        fail(f"could not load model {model!r}: {str(e).splitlines()[0]}")
+    from ..adapters import get_adapter
+    try:
+        return m, tok, get_adapter(m).name
+    except ContextPatchError as e:
+        fail(str(e))
+
+
+def _query_lines(path: str, tok, vocab: int) -> list[list[int]]:
+    try:
+        lines = [ln.strip() for ln in Path(path).read_text().splitlines() if ln.strip()]
+    except OSError as e:
+        fail(f"could not read --queries {path}: {e.strerror or e}")
+    if tok is None:
+        return [_parse_ids(ln, "queries", vocab) for ln in lines]
+    out = [tok(ln, add_special_tokens=False)["input_ids"] for ln in lines]
+    return [q for q in out if q]
+
+
+@app.command("compress")
+def compress_cmd(model: str = _MODEL, arch: str = _ARCH, random: bool = _RANDOM, context: str = _CONTEXT,
+                 calibration: int = typer.Option(16, "--calibration", help="Number of calibration queries: random "
+                                                 "ones (--random) or the first N lines of --queries."),
+                 queries: str = typer.Option(None, "--queries", help="File, one query per line (text with --model, "
+                                             "token ids with --random): the first --calibration lines calibrate, "
+                                             "the rest are held out for the evaluation."),
+                 held_out: int = typer.Option(16, "--held-out", help="--random without --queries: number of random "
+                                              "held-out queries."),
+                 context_len: int = _CLEN, query_len: int = typer.Option(4, "--query-len", help="Length of random "
+                                                                         "queries (--random without --queries)."),
+                 ridge: float = typer.Option(1e-3, "--ridge", help="λ = ridge · mean ‖key‖² (0: plain least squares)."),
+                 rank: int = typer.Option(None, "--rank", help="Keep at most this rank per matrix (default: full)."),
+                 out: str = typer.Option(None, "--out", help="Directory to write the adapter (static.safetensors + "
+                                         "static.json)."),
+                 dtype: str = _DTYPE, device: str = _DEVICE, seed: int = _SEED, output_patch: str = _OUTP,
+                 json_out: bool = _JSON) -> None:
+    """Compress a context into a static adapter: one query-independent patch per layer, fitted on calibration
+    queries; evaluated on held-out queries against the no-context control."""
+    from ..engine import evaluate_static, fit_static
+
+    if calibration < 1 or held_out < 0 or query_len < 1 or context_len < 1:
+        fail("--calibration, --query-len and --context-len must be ≥ 1 and --held-out ≥ 0")
+    m, tok, family = _model(model, arch, random, dtype, device, seed)
+    vocab = m.config.vocab_size
+    g = torch.Generator().manual_seed(seed)
+    if tok is None:
+        ctx = _parse_ids(context, "context", vocab) if context else torch.randint(3, vocab, (context_len,),
+                                                                                  generator=g).tolist()
+    else:
+        if context is None:
+            fail("--model needs --context TEXT")
+        ctx = tok(context)["input_ids"]
+    if queries is not None:
+        qs = _query_lines(queries, tok, vocab)
+    elif tok is None:
+        qs = torch.randint(3, vocab, (calibration + held_out, query_len), generator=g).tolist()
+    else:
+        fail("--model needs --queries FILE (one text query per line)")
+    if not ctx or len(qs) < calibration:
+        fail(f"need a non-empty context and at least --calibration={calibration} queries (got {len(qs)})")
+    cal, held = [torch.tensor(q) for q in qs[:calibration]], [torch.tensor(q) for q in qs[calibration:]]
+    ctx_t = torch.tensor(ctx)
+    try:
+        from ..adapters import get_adapter
+        with Progress(console=err_console, transient=True) as bar:
+            task = bar.add_task("fitting layers", total=len(get_adapter(m).resolve(m)))
+            static = fit_static(m, ctx_t, cal, ridge=ridge, rank=rank, output_patch=output_patch, seed=seed,
+                                progress=lambda i: bar.update(task, completed=i + 1))
+        ev = evaluate_static(m, static, ctx_t, held) if held else {}
+        path = static.save(out) if out else None
+    except ContextPatchError as e:
+        fail(str(e))
+    except OSError as e:
+        fail(f"could not write {out}: {e}")
+    info = {"arch": family, "dtype": dtype, "slot": static.slot, "seed": seed, "ridge": ridge, "rank": rank,
+            "context_length": len(ctx), "calibration_queries": len(cal), "calibration_tokens":
+            static.meta["num_calibration_tokens"], "held_out_queries": len(held), "nbytes": static.nbytes(),
+            "out": os.fspath(path) if path else None}
+    if json_out:
+        print_json({**ev, **info, "layers": static.summary()})
+        return
+    console.print(f"{family}: static adapter of a {len(ctx)}-token context, {info['calibration_tokens']} calibration "
+                  f"tokens, ridge {ridge}, rank {rank or 'full'}, {static.nbytes()} bytes")
+    print_table(f"static patches ({static.slot} slot)", ["layer", "‖ΔW_in‖", "‖ΔW_in‖/‖W_in‖", "rank in", "‖Δ_out‖",
+                                                         "rank out"],
+                [[r["layer"], r["dW_in"], r["dW_in_rel"] if r["dW_in_rel"] is not None else "-", r["rank_in"],
+                  r["d_out"], r["rank_out"] if r["rank_out"] is not None else "-"] for r in static.summary()])
+    if ev:
+        print_table(f"held-out: {ev['num_queries']} queries, {ev['num_tokens']} tokens (vs with-context logits)",
+                    ["", "mean |Δlogit|", "max |Δlogit|", "KL", "top-1 agree"],
+                    [["static adapter", ev["mean_abs_diff"], ev["max_abs_diff"], ev["kl"], ev["top1_agreement"]],
+                     ["no context", ev["control_mean_abs_diff"], ev["control_max_abs_diff"], ev["control_kl"],
+                      ev["control_top1_agreement"]]])
+    else:
+        console.print("no held-out queries: evaluation skipped")
+    if path:
+        console.print(f"saved to {path}")

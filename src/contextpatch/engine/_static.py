@@ -1,0 +1,262 @@
+"""Static context adapters: ONE query-independent patch per layer for a fixed context (beyond the papers).
+
+The exact patches of :func:`~contextpatch.engine.extract` depend on the token and its history. A static adapter
+trades exactness for reuse: fitted once on K calibration queries (continuations of the context, positions
+n..n+T−1), it is applied to every token of any later input, like a LoRA adapter (docs/static.md).
+
+    targets   one packed with-context pass (pack_rows + capture_targets): z_C[ℓ], r_C[ℓ] per calibration token
+    layer ℓ   context-free pass over the calibration batch with the static patches of layers < ℓ applied:
+              z (MLP input), r (residual), then the input patches of ℓ are fitted and applied, and the
+              output-slot input (g, or u for Gemma's post-FF norm) is read; the pass stops after block ℓ.
+    input     ΔW_m = argmin Σ ‖ΔW_m z − W_m (z_C − z)‖² + λ‖ΔW_m‖²          (theory.static_patch)
+    output    δ = r_C − r:  bias Δb = mean δ;  weight ΔW_out = ridge LS on (g, δ);
+              scale Δs_j = Σ δ_j u_j / (Σ u_j² + λ_j)
+    ridge     λ = ridge · mean ‖key‖² over the calibration tokens (scale-free; one key: shrinkage 1/(1+ridge));
+              scale slot: λ_j = ridge · mean u_j² per coordinate.
+
+Cost: one packed with-context pass over n + K·T tokens, then L context-free passes over the (K, T) batch, pass ℓ
+stopping after block ℓ (≈ L/2 full passes in all), plus one K×K (or d×d) solve per matrix.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .._errors import ContextPatchError
+from .._packing import pack_rows
+from .._patches import LowRankPatch
+from ..adapters import get_adapter
+from ..theory import static_patch
+from ._capture import capture_targets
+from ._common import accepts, check_model, compute_dtype, first_arg, first_out, model_output
+from ._extract import build_meta
+from ._patched import _eps, _rms_unit, _weight, resolve_slot, run_model
+from ._shared import _check, packed_attention_mask
+from ._static_patches import StaticPatches, static_hooks
+
+__all__ = ["fit_static", "evaluate_static"]
+
+
+class _Stop(Exception):
+    """Raised by a hook to end a fitting pass once block ℓ has been read."""
+
+
+def _queries(queries, model: nn.Module, what: str) -> tuple[Tensor, Tensor]:
+    """(K, T) ids right-padded and (K, T) bool validity. Causal: right padding never affects the real tokens (it
+    repeats an ordinary token id, not the pad id, so HF does not warn about a missing attention mask)."""
+    if isinstance(queries, Tensor):
+        rows = list(queries.unbind(0)) if queries.dim() == 2 else [queries]
+    else:
+        rows = [torch.as_tensor(q) for q in queries]
+    if not rows:
+        raise ContextPatchError(f"no {what} queries given (need at least one 1-D tensor of token ids)")
+    if any(q.dim() != 1 or q.numel() == 0 for q in rows):
+        raise ContextPatchError(f"every {what} query must be a non-empty 1-D tensor of token ids")
+    vocab = getattr(model.config, "vocab_size", None)
+    if vocab and any(int(q.min()) < 0 or int(q.max()) >= vocab for q in rows):
+        raise ContextPatchError(f"{what} query token ids must lie in [0, {vocab})")
+    T = max(q.numel() for q in rows)
+    ids = torch.full((len(rows), T), int(rows[0][0]), dtype=torch.long)
+    valid = torch.zeros(len(rows), T, dtype=torch.bool)
+    for k, q in enumerate(rows):
+        ids[k, :q.numel()], valid[k, :q.numel()] = q.long(), True
+    return ids, valid
+
+
+def _packed(model, ctx: Tensor, ids: Tensor, *, need_output: bool):
+    """ONE with-context pass for all rows: targets (K, T, ·) per layer and, if asked, logits (K, T, V)."""
+    dev = next(model.parameters()).device
+    K, T = ids.shape
+    n = int(ctx.numel())
+    packed = pack_rows(ctx.to(dev), list(ids.to(dev).unbind(0)), [n] * K, query_positions="original")
+    mask = packed_attention_mask(model, packed)
+    cap = capture_targets(model, packed.input_ids, packed.row_positions.reshape(1, -1), attention_mask=mask,
+                          position_ids=packed.position_ids, need_output=False)
+    zc = [z.reshape(K, T, -1) for z in cap.targets.z]
+    rc = [r.reshape(K, T, -1) for r in cap.targets.r]
+    logits = None
+    if need_output:
+        kw = {"logits_to_keep": packed.row_positions.reshape(-1)} if accepts(model, "logits_to_keep") else {}
+        with torch.no_grad():
+            out = model(input_ids=packed.input_ids, attention_mask=mask, position_ids=packed.position_ids,
+                        use_cache=False, **kw)
+        if getattr(out, "logits", None) is None:
+            raise ContextPatchError("evaluate_static compares next-token distributions: the model needs an LM head")
+        logits = out.logits if kw else out.logits[:, packed.row_positions.reshape(-1)]
+        logits = logits.reshape(K, T, -1)
+    return zc, rc, logits
+
+
+def _ridge(keys: Tensor, targets: Tensor, ridge: float, rank: int | None) -> tuple[Tensor, Tensor]:
+    """Ridge least squares ΔW (d_out, d_in) with λ = ridge · mean ‖key‖², factored and compressed: (U, V)."""
+    lam = ridge * float(keys.pow(2).sum(-1).mean())
+    N, d_in = keys.shape
+    if N <= d_in:                                              # dual form: rank ≤ N, K×K solve
+        p = static_patch(keys, targets, ridge=lam)
+    else:                                                      # primal form: d_in × d_in solve
+        G = keys.T @ keys
+        rhs = keys.T @ targets
+        Wt = torch.linalg.solve(G + lam * torch.eye(d_in, dtype=G.dtype, device=G.device), rhs) if lam > 0 \
+            else torch.linalg.pinv(G, hermitian=True) @ rhs
+        p = LowRankPatch(Wt.T.contiguous(), torch.eye(d_in, dtype=G.dtype, device=G.device))
+    p = p.compress(max_rank=rank)
+    return p.U.contiguous(), p.V.contiguous()
+
+
+def _fit_layer(model, block, P: dict, zc: Tensor, rc: Tensor, ids, pos, valid, *, slot, conv1d, ridge, rank, cd):
+    """One context-free pass, stopped after block ℓ; fills P (layer ℓ's factors) from inside the hooks."""
+    state: dict[str, Tensor] = {}
+    b = block
+
+    def store_r(mod, args, kwargs):
+        state["r"] = first_arg(args, kwargs).to(cd)
+
+    def store_h(mod, args, kwargs):
+        state["h"] = first_arg(args, kwargs).to(cd)
+
+    def attn(mod, args, out):
+        state["r"] = state["h"] + first_out(out).to(cd)
+
+    def mlp_pre(mod, args, kwargs):
+        z = first_arg(args, kwargs).to(cd)
+        vm = valid.to(z.device)
+        zk = z[vm]
+        dz = zc.to(device=z.device, dtype=cd)[vm] - zk
+        for name, m in b.inputs.items():
+            W = _weight(m, conv1d).to(cd)
+            P[f"in.{name}.U"], P[f"in.{name}.V"] = _ridge(zk, dz @ W.T, ridge, rank)
+        r = z if b.residual_kind == "mlp" else state["r"]
+        state["delta"] = rc.to(device=z.device, dtype=cd)[vm] - r[vm]
+        if slot == "bias":
+            P["out.bias"] = state["delta"].mean(0)
+            raise _Stop
+
+    def out_weight(mod, args, out):
+        g = args[0].to(cd)[valid.to(args[0].device)]
+        P["out.U"], P["out.V"] = _ridge(g, state["delta"], ridge, rank)
+        raise _Stop
+
+    def out_scale(mod, args, out):
+        u = _rms_unit(args[0].to(cd), _eps(mod))[valid.to(args[0].device)]
+        uu = u.pow(2)
+        P["out.scale"] = (state["delta"] * u).sum(0) / (uu.sum(0) + ridge * uu.mean(0))
+        raise _Stop
+
+    H = [b.mlp.register_forward_pre_hook(mlp_pre, with_kwargs=True)]
+    if b.residual_kind == "norm":
+        H.append(b.residual_module.register_forward_pre_hook(store_r, with_kwargs=True))
+    elif b.residual_kind == "parallel":
+        H += [b.block.register_forward_pre_hook(store_h, with_kwargs=True),
+              b.residual_module.register_forward_hook(attn)]
+    if slot == "weight":
+        H.append(b.output.register_forward_hook(out_weight))
+    elif slot == "scale":
+        H.append(b.scale_norm.register_forward_hook(out_scale))
+    try:
+        run_model(model, get_adapter(model), ids, position_ids=pos)
+    except _Stop:
+        pass
+    finally:
+        for h in H:
+            h.remove()
+    if not all(torch.isfinite(v).all() for v in P.values()):
+        raise ContextPatchError(f"layer {b.index}: the static fit produced NaN/inf (degenerate keys); "
+                                "use a positive ridge")
+
+
+def fit_static(model: nn.Module, context_ids: Tensor, calibration_queries: Sequence[Tensor] | Tensor, *,
+               ridge: float = 1e-3, rank: int | None = None, output_patch: str = "auto", seed: int | None = None,
+               progress: Callable[[int], None] | None = None) -> StaticPatches:
+    """Fit a static (query-independent) adapter of ``context_ids`` on calibration queries, layer by layer.
+
+    Args:
+        context_ids: (n,) the fixed context.
+        calibration_queries: K id tensors (lengths may differ) or a (K, T) tensor; each is a continuation of the
+            context and keeps positions n..n+T−1.
+        ridge: λ = ridge · mean ‖key‖² (0: minimum-norm least squares; one calibration token is then reproduced
+            exactly).
+        rank: keep at most this rank per matrix (best rank-r approximation of the ridge solution); None: full.
+        output_patch: "auto" (bias if the MLP output matrix has one, else weight; Gemma-2/3: scale), "bias",
+            "weight".
+        seed: recorded in the metadata (e.g. the seed that drew random calibration queries).
+        progress: called with each finished layer index.
+    """
+    check_model(model)
+    adapter = get_adapter(model)
+    if adapter.slot_kind == "moe":
+        raise ContextPatchError(f"static adapters do not support MoE yet ({adapter.name}): the router's top-k "
+                                "choice is not linear in a static patch; use extract() for exact per-token patches")
+    ctx = _check(model, adapter, context_ids)
+    if not ridge >= 0:
+        raise ContextPatchError(f"ridge must be ≥ 0, got {ridge}")
+    if rank is not None and rank < 1:
+        raise ContextPatchError(f"rank must be ≥ 1 (or None for full rank), got {rank}")
+    slot = resolve_slot(adapter, model, output_patch)
+    ids, valid = _queries(calibration_queries, model, "calibration")
+    dev = next(model.parameters()).device
+    cd = compute_dtype(next(model.parameters()).dtype)
+    n = int(ctx.numel())
+    zc, rc, _ = _packed(model, ctx, ids, need_output=False)
+    ids = ids.to(dev)
+    pos = torch.arange(n, n + ids.shape[1], device=dev).expand_as(ids)
+    blocks = adapter.resolve(model)
+    layers: list[dict[str, Tensor]] = [{} for _ in blocks]
+    handles = static_hooks(model, layers, slot)      # applies layers < ℓ (and ℓ's inputs once fitted)
+    try:
+        for b in blocks:
+            _fit_layer(model, b, layers[b.index], zc[b.index], rc[b.index], ids, pos, valid, slot=slot,
+                       conv1d=adapter.conv1d, ridge=float(ridge), rank=rank, cd=cd)
+            if progress is not None:
+                progress(b.index)
+    finally:
+        for h in handles:
+            h.remove()
+    meta = build_meta(model, adapter, slot, bos_is_context=True, renumber_positions=False, stable=False)
+    meta.update(kind="static", variant="static adapter: ridge least squares over calibration tokens",
+                context_ids=[int(t) for t in ctx.tolist()], context_length=n,
+                num_calibration_queries=int(ids.shape[0]), num_calibration_tokens=int(valid.sum()),
+                query_positions="n..n+T-1", ridge=float(ridge), ridge_convention="lambda = ridge * mean ||key||^2",
+                rank=rank, seed=seed, input_modules=list(adapter.inputs), conv1d=adapter.conv1d)
+    return StaticPatches(layers, meta)
+
+
+def _metrics(a: Tensor, ref: Tensor) -> dict[str, float]:
+    a, ref = a.double(), ref.double()
+    lp, lq = ref.log_softmax(-1), a.log_softmax(-1)
+    return {"mean_abs_diff": float((a - ref).abs().mean()), "max_abs_diff": float((a - ref).abs().max()),
+            "kl": float((lp.exp() * (lp - lq)).sum(-1).mean()),
+            "top1_agreement": float((a.argmax(-1) == ref.argmax(-1)).double().mean())}
+
+
+def evaluate_static(model: nn.Module, static: StaticPatches, context_ids: Tensor,
+                    queries: Sequence[Tensor] | Tensor) -> dict:
+    """Measure a static adapter on (held-out) queries against the with-context logits.
+
+    Compares the logits of each query ALONE (positions n..n+T−1) with the adapter applied, and without it (the
+    control), to the logits of the query after the context (one packed pass). Returns, over all query tokens:
+    ``mean_abs_diff``, ``max_abs_diff`` (|Δlogit|), ``kl`` (mean KL(with-context ‖ static) of the next-token
+    distributions), ``top1_agreement``, the same four with prefix ``control_`` (no adapter, no context),
+    ``num_queries``, ``num_tokens`` and ``same_context`` (whether ``context_ids`` is the fitted context).
+    """
+    check_model(model)
+    static.check_model(model)
+    adapter = get_adapter(model)
+    ctx = _check(model, adapter, context_ids)
+    ids, valid = _queries(queries, model, "evaluation")
+    dev = next(model.parameters()).device
+    n = int(ctx.numel())
+    _, _, ref = _packed(model, ctx, ids, need_output=True)
+    ids = ids.to(dev)
+    pos = torch.arange(n, n + ids.shape[1], device=dev).expand_as(ids)
+    with static.applied(model):
+        out = model_output(run_model(model, adapter, ids, position_ids=pos))
+    control = model_output(run_model(model, adapter, ids, position_ids=pos))
+    vm = valid.to(dev)
+    res = _metrics(out[vm], ref[vm])
+    res.update({"control_" + k: v for k, v in _metrics(control[vm], ref[vm]).items()})
+    res.update(num_queries=int(ids.shape[0]), num_tokens=int(valid.sum()),
+               same_context=ctx.cpu().tolist() == static.meta.get("context_ids"))
+    return res
