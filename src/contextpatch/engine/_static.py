@@ -4,7 +4,7 @@ The exact patches of :func:`~contextpatch.engine.extract` depend on the token an
 trades exactness for reuse: fitted once on K calibration queries (continuations of the context, positions
 n..n+T−1), it is applied to every token of any later input, like a LoRA adapter (docs/static.md).
 
-    targets   one packed with-context pass (pack_rows + capture_targets): z_C[ℓ], r_C[ℓ] per calibration token
+    targets   one packed with-context pass (engine.packed_targets): z_C[ℓ], r_C[ℓ] per calibration token
     layer ℓ   context-free pass over the calibration batch with the static patches of layers < ℓ applied:
               z (MLP input), r (residual), then the input patches of ℓ are fitted and applied, and the
               output-slot input (g, or u for Gemma's post-FF norm) is read; the pass stops after block ℓ.
@@ -30,11 +30,10 @@ from .._packing import pack_rows
 from .._patches import LowRankPatch
 from ..adapters import get_adapter
 from ..theory import static_patch
-from ._capture import capture_targets
 from ._common import accepts, check_model, compute_dtype, first_arg, first_out, model_output
 from ._extract import build_meta
 from ._patched import _eps, _rms_unit, _weight, resolve_slot, run_model
-from ._shared import _check, packed_attention_mask
+from ._shared import _check, packed_attention_mask, packed_targets
 from ._static_patches import StaticPatches, static_hooks
 
 __all__ = ["fit_static", "evaluate_static"]
@@ -68,26 +67,25 @@ def _queries(queries, model: nn.Module, what: str) -> tuple[Tensor, Tensor]:
 
 def _packed(model, ctx: Tensor, ids: Tensor, *, need_output: bool):
     """ONE with-context pass for all rows: targets (K, T, ·) per layer and, if asked, logits (K, T, V)."""
-    dev = next(model.parameters()).device
     K, T = ids.shape
     n = int(ctx.numel())
-    packed = pack_rows(ctx.to(dev), list(ids.to(dev).unbind(0)), [n] * K, query_positions="original")
-    mask = packed_attention_mask(model, packed)
-    cap = capture_targets(model, packed.input_ids, packed.row_positions.reshape(1, -1), attention_mask=mask,
-                          position_ids=packed.position_ids, need_output=False)
-    zc = [z.reshape(K, T, -1) for z in cap.targets.z]
-    rc = [r.reshape(K, T, -1) for r in cap.targets.r]
-    logits = None
-    if need_output:
-        kw = {"logits_to_keep": packed.row_positions.reshape(-1)} if accepts(model, "logits_to_keep") else {}
-        with torch.no_grad():
-            out = model(input_ids=packed.input_ids, attention_mask=mask, position_ids=packed.position_ids,
-                        use_cache=False, **kw)
-        if getattr(out, "logits", None) is None:
-            raise ContextPatchError("evaluate_static compares next-token distributions: the model needs an LM head")
-        logits = out.logits if kw else out.logits[:, packed.row_positions.reshape(-1)]
-        logits = logits.reshape(K, T, -1)
-    return zc, rc, logits
+    rows = list(ids.to(next(model.parameters()).device).unbind(0))
+    targets, _ = packed_targets(model, get_adapter(model), ctx, rows, [n] * K)
+    return targets.z, targets.r, (_with_context_logits(model, ctx, rows) if need_output else None)
+
+
+def _with_context_logits(model, ctx: Tensor, rows: list[Tensor]) -> Tensor:
+    """Logits (K, T, V) of every row's tokens after the whole context, from one packed pass."""
+    K, T = len(rows), int(rows[0].numel())
+    packed = pack_rows(ctx.to(rows[0].device), rows, [int(ctx.numel())] * K, query_positions="original")
+    kw = {"logits_to_keep": packed.row_positions.reshape(-1)} if accepts(model, "logits_to_keep") else {}
+    with torch.no_grad():
+        out = model(input_ids=packed.input_ids, attention_mask=packed_attention_mask(model, packed),
+                    position_ids=packed.position_ids, use_cache=False, **kw)
+    if getattr(out, "logits", None) is None:
+        raise ContextPatchError("evaluate_static compares next-token distributions: the model needs an LM head")
+    logits = out.logits if kw else out.logits[:, packed.row_positions.reshape(-1)]
+    return logits.reshape(K, T, -1)
 
 
 def _ridge(keys: Tensor, targets: Tensor, ridge: float, rank: int | None) -> tuple[Tensor, Tensor]:
