@@ -18,18 +18,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from .._errors import PatchFileError
-from .._io import atomic_write_with
 from .._patches import LowRankPatch, ScalePatch, VectorPatch
 from ..adapters import get_adapter
+from ._files import check_same_model, load_patch_dir, save_patch_dir
 
 __all__ = ["ContextPatches", "config_hash", "weight_fingerprint", "FORMAT_VERSION"]
 
 FORMAT_VERSION = 1
-_TENSOR_FILE, _META_FILE = "patches.safetensors", "patches.json"
+_NAME, _FORMAT = "patches", "contextpatch"
 _VOLATILE = {"transformers_version", "torch_dtype", "dtype", "architectures", "attn_implementation",
              "experts_implementation", "use_cache", "output_hidden_states", "output_attentions", "return_dict"}
 _BLOCK_KEYS = ("query_ids", "position_ids", "valid", "query_index", "context_mask")
@@ -53,14 +52,6 @@ def weight_fingerprint(model: nn.Module) -> str:
         step = max(1, w.numel() // 4096)
         h.update(w[::step][:4096].to(device="cpu", dtype=torch.float32).numpy().tobytes())
     return h.hexdigest()[:16]
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @dataclass
@@ -176,16 +167,7 @@ class ContextPatches:
     # --- apply ---------------------------------------------------------------------------
     def check_model(self, model: nn.Module) -> None:
         """Raise :class:`PatchFileError` unless ``model`` is the model these patches were extracted from."""
-        want, got = self.meta.get("config_hash"), config_hash(model)
-        if want != got:
-            raise PatchFileError(f"these patches belong to a different model: config hash {want} "
-                                 f"(model {self.meta.get('model_name')!r}) != {got} ({type(model).__name__})")
-        want_w, got_w = self.meta.get("weight_fingerprint"), weight_fingerprint(model)
-        if want_w != got_w:
-            raise PatchFileError(f"these patches belong to a different model: same config but different weights "
-                                 f"(fingerprint {want_w} != {got_w})")
-        if len(get_adapter(model).resolve(model)) != self.num_layers:
-            raise PatchFileError(f"patches cover {self.num_layers} layers, the model has a different count")
+        check_same_model(self.meta, model, self.num_layers, "these patches")
 
     @contextmanager
     def applied(self, model: nn.Module):
@@ -205,48 +187,14 @@ class ContextPatches:
 
     # --- save / load ---------------------------------------------------------------------
     def save(self, directory: str | os.PathLike) -> Path:
-        d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
-        tensors = {f"layer.{i}.{k}": v.detach().to("cpu").contiguous() for i, P in enumerate(self.layers)
-                   for k, v in P.items()}
-        tensors.update({k: getattr(self, k).detach().to("cpu").contiguous() for k in _BLOCK_KEYS})
-        atomic_write_with(d / _TENSOR_FILE, lambda tmp: save_file(tensors, tmp, metadata={"format": "contextpatch"}))
-        meta = {"format_version": FORMAT_VERSION, "tensor_file": _TENSOR_FILE,
-                "tensor_sha256": _sha256(d / _TENSOR_FILE), "tensors": sorted(tensors),
-                "num_layers": self.num_layers, "meta": self.meta}
-
-        def write_json(tmp):
-            with open(tmp, "w") as f:
-                json.dump(meta, f, indent=1, sort_keys=True)
-        atomic_write_with(d / _META_FILE, write_json)
-        return d
+        """Write ``patches.safetensors`` + ``patches.json`` into ``directory`` (atomic); returns the directory."""
+        extra = {k: getattr(self, k) for k in _BLOCK_KEYS}
+        return save_patch_dir(directory, _NAME, _FORMAT, FORMAT_VERSION, self.layers, self.meta, extra)
 
     @classmethod
     def load(cls, directory: str | os.PathLike, device=None) -> ContextPatches:
-        d = Path(directory)
-        mpath, tpath = d / _META_FILE, d / _TENSOR_FILE
-        for p in (mpath, tpath):
-            if not p.is_file():
-                raise PatchFileError(f"missing patch file {p}")
-        try:
-            meta = json.loads(mpath.read_text())
-            names, n_layers, inner = meta["tensors"], int(meta["num_layers"]), meta["meta"]
-            version, digest = meta["format_version"], meta["tensor_sha256"]
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError, UnicodeDecodeError) as e:
-            raise PatchFileError(f"{mpath} is not a valid contextpatch metadata file ({e})") from None
-        if version != FORMAT_VERSION:
-            raise PatchFileError(f"{mpath}: unsupported format version {version} (expected {FORMAT_VERSION})")
-        if _sha256(tpath) != digest:
-            raise PatchFileError(f"{tpath} is truncated or corrupted: its SHA-256 does not match {mpath.name}")
-        try:
-            tensors = load_file(str(tpath), device=str(device) if device is not None else "cpu")
-        except Exception as e:  # safetensors raises several types for bad headers
-            raise PatchFileError(f"{tpath} could not be read as safetensors ({e})") from None
-        if sorted(tensors) != sorted(names):
-            raise PatchFileError(f"{tpath} holds tensors {sorted(tensors)[:5]}..., expected {names[:5]}...")
-        layers: list[dict[str, Tensor]] = [{} for _ in range(n_layers)]
-        for k, v in tensors.items():
-            if k.startswith("layer."):
-                _, i, key = k.split(".", 2)
-                layers[int(i)][key] = v
-        return cls(layers, *(tensors[k] for k in _BLOCK_KEYS), meta=inner)
+        """Read patches written by :meth:`save`; :class:`PatchFileError` on any missing or damaged file."""
+        layers, extra, meta = load_patch_dir(directory, _NAME, _FORMAT, FORMAT_VERSION, what="patch", device=device)
+        if sorted(extra) != sorted(_BLOCK_KEYS):
+            raise PatchFileError(f"{directory}: expected the tensors {sorted(_BLOCK_KEYS)}, found {sorted(extra)}")
+        return cls(layers, *(extra[k] for k in _BLOCK_KEYS), meta=meta)

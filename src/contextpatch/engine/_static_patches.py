@@ -16,7 +16,6 @@ atomically; a wrong model or a damaged file raises :class:`PatchFileError`.
 
 from __future__ import annotations
 
-import json
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -24,21 +23,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from .._errors import PatchFileError
-from .._io import atomic_write_with
 from .._patches import LowRankPatch, ScalePatch, VectorPatch
 from ..adapters import get_adapter
 from ._common import compute_dtype
-from ._container import _sha256, config_hash, weight_fingerprint
+from ._files import check_same_model, load_patch_dir, save_patch_dir
 from ._patched import _eps, _rms_unit
 
 __all__ = ["StaticPatches", "static_hooks"]
 
 FORMAT, FORMAT_VERSION = "contextpatch-static", 1
-_TENSOR_FILE, _META_FILE = "static.safetensors", "static.json"
+_NAME = "static"
 
 
 def static_hooks(model: nn.Module, layers: list[dict[str, Tensor]], slot: str) -> list:
@@ -146,16 +142,7 @@ class StaticPatches:
     # --- apply ---------------------------------------------------------------------------
     def check_model(self, model: nn.Module) -> None:
         """Raise :class:`PatchFileError` unless ``model`` is the model these patches were fitted on."""
-        want, got = self.meta.get("config_hash"), config_hash(model)
-        if want != got:
-            raise PatchFileError(f"this static adapter belongs to a different model: config hash {want} "
-                                 f"(model {self.meta.get('model_name')!r}) != {got} ({type(model).__name__})")
-        want_w, got_w = self.meta.get("weight_fingerprint"), weight_fingerprint(model)
-        if want_w != got_w:
-            raise PatchFileError(f"this static adapter belongs to a different model: same config but different "
-                                 f"weights (fingerprint {want_w} != {got_w})")
-        if len(get_adapter(model).resolve(model)) != self.num_layers:
-            raise PatchFileError(f"the adapter covers {self.num_layers} layers, the model has a different count")
+        check_same_model(self.meta, model, self.num_layers, "the patches of this static adapter")
 
     @contextmanager
     def applied(self, model: nn.Module):
@@ -171,46 +158,12 @@ class StaticPatches:
 
     # --- save / load ---------------------------------------------------------------------
     def save(self, directory: str | os.PathLike) -> Path:
-        d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
-        tensors = {f"layer.{i}.{k}": v.detach().to("cpu").contiguous() for i, P in enumerate(self.layers)
-                   for k, v in P.items()}
-        atomic_write_with(d / _TENSOR_FILE, lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT}))
-        meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "tensor_file": _TENSOR_FILE,
-                "tensor_sha256": _sha256(d / _TENSOR_FILE), "tensors": sorted(tensors),
-                "num_layers": self.num_layers, "meta": self.meta}
-
-        def write_json(tmp):
-            with open(tmp, "w") as f:
-                json.dump(meta, f, indent=1, sort_keys=True)
-        atomic_write_with(d / _META_FILE, write_json)
-        return d
+        """Write ``static.safetensors`` + ``static.json`` into ``directory`` (atomic); returns the directory."""
+        return save_patch_dir(directory, _NAME, FORMAT, FORMAT_VERSION, self.layers, self.meta)
 
     @classmethod
     def load(cls, directory: str | os.PathLike, device=None) -> StaticPatches:
-        d = Path(directory)
-        mpath, tpath = d / _META_FILE, d / _TENSOR_FILE
-        for p in (mpath, tpath):
-            if not p.is_file():
-                raise PatchFileError(f"missing static adapter file {p}")
-        try:
-            meta = json.loads(mpath.read_text())
-            names, n_layers, inner = meta["tensors"], int(meta["num_layers"]), meta["meta"]
-            fmt, version, digest = meta["format"], meta["format_version"], meta["tensor_sha256"]
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError, UnicodeDecodeError) as e:
-            raise PatchFileError(f"{mpath} is not a valid static adapter metadata file ({e})") from None
-        if fmt != FORMAT or version != FORMAT_VERSION:
-            raise PatchFileError(f"{mpath}: format {fmt!r} v{version}, expected {FORMAT!r} v{FORMAT_VERSION}")
-        if _sha256(tpath) != digest:
-            raise PatchFileError(f"{tpath} is truncated or corrupted: its SHA-256 does not match {mpath.name}")
-        try:
-            tensors = load_file(str(tpath), device=str(device) if device is not None else "cpu")
-        except Exception as e:  # safetensors raises several types for bad headers
-            raise PatchFileError(f"{tpath} could not be read as safetensors ({e})") from None
-        if sorted(tensors) != sorted(names):
-            raise PatchFileError(f"{tpath} holds tensors {sorted(tensors)[:5]}..., expected {names[:5]}...")
-        layers: list[dict[str, Tensor]] = [{} for _ in range(n_layers)]
-        for k, v in tensors.items():
-            _, i, key = k.split(".", 2)
-            layers[int(i)][key] = v
-        return cls(layers, inner)
+        """Read an adapter written by :meth:`save`; :class:`PatchFileError` on any missing or damaged file."""
+        layers, _, meta = load_patch_dir(directory, _NAME, FORMAT, FORMAT_VERSION, what="static adapter",
+                                         device=device)
+        return cls(layers, meta)
