@@ -135,3 +135,14 @@ def report(name: str, rows: list[dict], out: Path | None, quick: bool = False) -
         data = json.loads(out.read_text()) if out.exists() else {}
         data[name] = rows
         out.write_text(json.dumps(data, indent=1))
+
+
+def run_script(main: Callable[..., object], doc: str | None) -> None:
+    """The command line of one benchmark script: ``--quick`` (tiny model smoke run) and ``--json FILE``."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="tiny model: a smoke run, not a measurement")
+    ap.add_argument("--json", type=Path, default=None, help="append results to this JSON file")
+    a = ap.parse_args()
+    main(a.quick, a.json)

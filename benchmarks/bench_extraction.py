@@ -15,11 +15,10 @@ extraction of a model (≈ 0.3 s here) and cached; the warm-up run absorbs that.
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import torch
-from _common import best_time, gpt2_model, ids, peak_memory, report
+from _common import best_time, gpt2_model, ids, peak_memory, report, run_script
 
 from contextpatch import extract, verify
 from contextpatch.engine import capture_targets, make_layout
@@ -97,8 +96,4 @@ def main(quick: bool = False, out: Path | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="tiny model: a smoke run, not a measurement")
-    ap.add_argument("--json", type=Path, default=None, help="append results to this JSON file")
-    a = ap.parse_args()
-    main(a.quick, a.json)
+    run_script(main, __doc__)

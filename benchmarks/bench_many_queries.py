@@ -9,12 +9,11 @@ reused) and runs one batched patched pass; the reference runs 64 separate ``extr
 
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 
 import torch
-from _common import best_time, gpt2_model, ids, report
+from _common import best_time, gpt2_model, ids, report, run_script
 
 from contextpatch import extract
 from contextpatch.engine import extract_many
@@ -46,8 +45,4 @@ def main(quick: bool = False, out: Path | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="tiny model: a smoke run, not a measurement")
-    ap.add_argument("--json", type=Path, default=None, help="append results to this JSON file")
-    a = ap.parse_args()
-    main(a.quick, a.json)
+    run_script(main, __doc__)

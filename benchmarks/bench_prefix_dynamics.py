@@ -11,11 +11,10 @@ on the prompts [c_1..c_i, x].
 
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 
-from _common import best_time, gpt2_model, ids, report
+from _common import best_time, gpt2_model, ids, report, run_script
 
 from contextpatch.engine import dynamics_from_patches, extract_prefixes_naive, prefix_dynamics
 
@@ -48,8 +47,4 @@ def main(quick: bool = False, out: Path | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="tiny model: a smoke run, not a measurement")
-    ap.add_argument("--json", type=Path, default=None, help="append results to this JSON file")
-    a = ap.parse_args()
-    main(a.quick, a.json)
+    run_script(main, __doc__)
