@@ -45,7 +45,23 @@ def test_pack_rows_bad_input():
     ctx = torch.arange(4)
     with pytest.raises(ContextPatchError, match="prefix lengths"):
         pack_rows(ctx, [torch.arange(2)], [5])
-    with pytest.raises(ContextPatchError, match="same length"):
-        pack_rows(ctx, [torch.arange(2), torch.arange(3)], [1, 2])
+    with pytest.raises(ContextPatchError, match="non-empty"):
+        pack_rows(ctx, [torch.arange(2), torch.arange(0)], [1, 2])
     with pytest.raises(ContextPatchError, match="one prefix length per query"):
         pack_rows(ctx, [torch.arange(2)], [1, 2])
+
+
+def test_rows_of_different_lengths():
+    model = _model("gpt2")
+    ctx = torch.arange(5, 12)
+    queries = [torch.tensor([3, 4, 5]), torch.tensor([9]), torch.tensor([1, 2])]
+    p = pack_rows(ctx, queries, [7, 7, 3], query_positions="original")
+    assert p.row_positions.tolist() == [[7, 8, 9], [10, 10, 10], [11, 12, 12]]
+    assert p.valid.tolist() == [[True] * 3, [True, False, False], [True, True, False]]
+    with torch.no_grad():
+        packed = model(p.input_ids, attention_mask=p.mask(torch.float64), position_ids=p.position_ids).logits[0]
+        for q, n, rows, ok in zip(queries, [7, 7, 3], p.row_positions, p.valid, strict=True):
+            ids = torch.cat([ctx[:n], q])[None]
+            pos = torch.cat([torch.arange(n), torch.arange(7, 7 + len(q))])[None]
+            ref = model(ids, position_ids=pos, attention_mask=torch.ones_like(ids)).logits[0, n:]
+            assert torch.allclose(ref, packed[rows[ok]], atol=1e-12)

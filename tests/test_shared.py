@@ -108,3 +108,20 @@ def test_shared_bad_input():
         extract_prefixes(gpt2, _ids(100, (4,), 0), _ids(100, (1,), 0), prefix_lengths=[0, 2])
     with pytest.raises(ContextPatchError, match="no queries"):
         extract_many(gpt2, _ids(100, (4,), 0), [])
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_extract_many_queries_of_different_lengths(arch):
+    model = tiny_model(arch, dtype=torch.float64, seed=3)
+    ctx = _ids(100, (10,), 9)
+    queries = [_ids(100, (t,), 20 + t) for t in (3, 1, 4, 2)]
+    P = extract_many(model, ctx, queries, chunk_size=3)
+    assert P.batch_shape == (4, 4) and P.valid.sum(1).tolist() == [3, 1, 4, 2]
+    out = P.run(model)
+    worst = control = 0.0
+    for q, query in enumerate(queries):
+        t = len(query)
+        ref = _logits(model, torch.cat([ctx, query]), torch.arange(10 + t))[10:]
+        worst = max(worst, float((ref - out[q, :t]).abs().max()))
+        control = max(control, float((ref - _logits(model, query, torch.arange(10, 10 + t))).abs().max()))
+    assert worst <= TOL64[arch] and control > 1e-2

@@ -25,12 +25,14 @@ __all__ = ["Packed", "pack_rows", "additive_mask"]
 @dataclass(frozen=True)
 class Packed:
     """A packed sequence. input_ids, position_ids: (1, L); allowed: (L, L) bool (query i may see key j);
-    row_positions: (R, T) indices into the packed sequence of each row's query tokens."""
+    row_positions: (R, T) indices into the packed sequence of each row's query tokens, T = the longest query
+    (a shorter row repeats its last index); valid: (R, T) bool, False on those repeated slots."""
 
     input_ids: Tensor
     position_ids: Tensor
     allowed: Tensor
     row_positions: Tensor
+    valid: Tensor
 
     def mask(self, dtype: torch.dtype) -> Tensor:
         """The additive float mask (1, 1, L, L): 0 where allowed, the dtype's minimum elsewhere."""
@@ -49,10 +51,10 @@ def pack_rows(context_ids: Tensor, queries: list[Tensor], prefix_lengths: list[i
 
     Args:
         context_ids: (n,) context token ids c_1..c_n.
-        queries: R query id tensors (T,) — all of the same length T.
+        queries: R non-empty 1-D query id tensors (lengths may differ).
         prefix_lengths: p_r ∈ 0..n per row (n for "whole context").
-        query_positions: ``"prefix"``: row r's query sits at positions p_r..p_r+T−1, as in the prompt
-            [c_1..c_{p_r}, q]; ``"original"``: at n..n+T−1, its position after the whole context.
+        query_positions: ``"prefix"``: row r's query sits at positions p_r..p_r+T_r−1, as in the prompt
+            [c_1..c_{p_r}, q]; ``"original"``: at n..n+T_r−1, its position after the whole context.
     """
     n = int(context_ids.shape[-1])
     if context_ids.dim() != 1:
@@ -60,26 +62,30 @@ def pack_rows(context_ids: Tensor, queries: list[Tensor], prefix_lengths: list[i
     if not queries or len(queries) != len(prefix_lengths):
         raise ContextPatchError(f"need one prefix length per query: {len(queries)} queries, "
                                 f"{len(prefix_lengths)} prefix lengths")
-    T = int(queries[0].shape[-1])
-    if T == 0 or any(q.dim() != 1 or q.shape[-1] != T for q in queries):
-        raise ContextPatchError("all queries must be non-empty 1-D id tensors of the same length")
+    if any(q.dim() != 1 or q.shape[-1] == 0 for q in queries):
+        raise ContextPatchError("every query must be a non-empty 1-D tensor of token ids")
     if any(not 0 <= p <= n for p in prefix_lengths):
         raise ContextPatchError(f"prefix lengths must lie in 0..{n}, got {prefix_lengths}")
     if query_positions not in ("prefix", "original"):
         raise ContextPatchError(f"query_positions must be 'prefix' or 'original', got {query_positions!r}")
-    R = len(queries)
-    L = n + R * T
+    lengths = [int(q.shape[-1]) for q in queries]
+    R, T = len(queries), max(lengths)
+    L = n + sum(lengths)
     dev = context_ids.device
     allowed = torch.zeros(L, L, dtype=torch.bool, device=dev)
-    causal_T = torch.ones(T, T, dtype=torch.bool, device=dev).tril()
     allowed[:n, :n] = torch.ones(n, n, dtype=torch.bool, device=dev).tril()
     pos = [torch.arange(n, device=dev)]
-    for r, p in enumerate(prefix_lengths):
-        s = n + r * T
-        allowed[s:s + T, :p] = True
-        allowed[s:s + T, s:s + T] = causal_T
+    rows = torch.empty(R, T, dtype=torch.long, device=dev)
+    valid = torch.zeros(R, T, dtype=torch.bool, device=dev)
+    s = n
+    for r, (p, t) in enumerate(zip(prefix_lengths, lengths, strict=True)):
+        allowed[s:s + t, :p] = True
+        allowed[s:s + t, s:s + t] = torch.ones(t, t, dtype=torch.bool, device=dev).tril()
         start = p if query_positions == "prefix" else n
-        pos.append(torch.arange(start, start + T, device=dev))
-    rows = n + torch.arange(R, device=dev)[:, None] * T + torch.arange(T, device=dev)[None]
+        pos.append(torch.arange(start, start + t, device=dev))
+        rows[r] = s + torch.arange(T, device=dev).clamp_max(t - 1)
+        valid[r, :t] = True
+        s += t
     ids = torch.cat([context_ids, *[q.to(dev) for q in queries]])[None]
-    return Packed(input_ids=ids, position_ids=torch.cat(pos)[None], allowed=allowed, row_positions=rows)
+    return Packed(input_ids=ids, position_ids=torch.cat(pos)[None], allowed=allowed, row_positions=rows,
+                  valid=valid)

@@ -65,48 +65,55 @@ def _check(model: nn.Module, adapter: FamilyAdapter, context_ids: Tensor) -> Ten
 
 def packed_targets(model: nn.Module, adapter: FamilyAdapter, context_ids: Tensor, queries: Sequence[Tensor],
                    prefix_lengths: list[int], *, query_positions: str = "original", chunk_size: int | None = None,
-                   progress: Callable[[int], None] | None = None) -> tuple[Targets, Tensor]:
+                   progress: Callable[[int], None] | None = None) -> tuple[Targets, Tensor, Tensor]:
     """Step 1 for R rows over one context: the with-context targets of every row's query tokens.
 
     Row r is the prompt (c_1..c_{p_r}, queries[r]); rows are packed over the shared context, at most
-    ``chunk_size`` per pass. Returns the targets (z[ℓ], r[ℓ]: (R, T, ·)) and the query position ids (R, T).
+    ``chunk_size`` per pass. Returns the targets (z[ℓ], r[ℓ]: (R, T, ·), T = the longest query), the query
+    position ids (R, T) and the validity mask (R, T) (False on the slots that pad a shorter query).
     """
     dev = next(model.parameters()).device
-    R, T = len(queries), int(queries[0].shape[-1])
+    R, T = len(queries), max(int(q.shape[-1]) for q in queries)
     chunk = chunk_size or R
     if chunk < 1:
         raise ContextPatchError(f"chunk_size must be ≥ 1, got {chunk_size}")
     zs: list[list[Tensor]] = []
     rs: list[list[Tensor]] = []
-    query_pos: list[Tensor] = []
+    pos: list[Tensor] = []
+    valid: list[Tensor] = []
     for s in range(0, R, chunk):
-        packed = pack_rows(context_ids.to(dev), [q.to(dev) for q in queries[s:s + chunk]],
-                           prefix_lengths[s:s + chunk], query_positions=query_positions)
-        cap = capture_targets(model, packed.input_ids, packed.row_positions.reshape(1, -1), adapter=adapter,
+        part = [q.to(dev) for q in queries[s:s + chunk]]
+        packed = pack_rows(context_ids.to(dev), part, prefix_lengths[s:s + chunk], query_positions=query_positions)
+        rows = torch.cat([packed.row_positions, packed.row_positions[:, -1:].expand(-1, T - packed.valid.shape[1])], 1)
+        cap = capture_targets(model, packed.input_ids, rows.reshape(1, -1), adapter=adapter,
                               attention_mask=packed_attention_mask(model, packed),
                               position_ids=packed.position_ids, need_output=False)
-        r = packed.row_positions.shape[0]
+        r = rows.shape[0]
         zs.append([z.reshape(r, T, -1) for z in cap.targets.z])
         rs.append([x.reshape(r, T, -1) for x in cap.targets.r])
-        query_pos.append(packed.position_ids[0, packed.row_positions])
+        pos.append(packed.position_ids[0, rows])
+        valid.append(torch.nn.functional.pad(packed.valid, (0, T - packed.valid.shape[1])))
         if progress is not None:
             progress(r)
     L = len(zs[0])
     targets = Targets([torch.cat([c[i] for c in zs]) for i in range(L)],
                       [torch.cat([c[i] for c in rs]) for i in range(L)])
-    return targets, torch.cat(query_pos)
+    return targets, torch.cat(pos), torch.cat(valid)
 
 
 def _run_packed(model, adapter, context_ids: Tensor, queries: Sequence[Tensor], prefix_lengths: list[int], *,
                 query_positions: str, output_patch: str, stable: bool, tol: float | None,
                 chunk_size: int | None, progress: Callable[[int], None] | None = None) -> ContextPatches:
     dev = next(model.parameters()).device
-    R, T = len(queries), int(queries[0].shape[-1])
-    targets, position_ids = packed_targets(model, adapter, context_ids, queries, prefix_lengths,
-                                           query_positions=query_positions, chunk_size=chunk_size, progress=progress)
-    query_ids = torch.stack([q.to(dev) for q in queries])
-    res = patched_pass(model, query_ids, targets, adapter=adapter, position_ids=position_ids,
-                       output_patch=output_patch, stable=stable, tol=tol)
+    targets, position_ids, valid = packed_targets(model, adapter, context_ids, queries, prefix_lengths,
+                                                  query_positions=query_positions, chunk_size=chunk_size,
+                                                  progress=progress)
+    R, T = valid.shape
+    # shorter queries are right-padded by repeating their last token (masked out, and causal: never seen)
+    query_ids = torch.stack([q.to(dev)[torch.arange(T, device=dev).clamp_max(q.shape[-1] - 1)] for q in queries])
+    mask = None if bool(valid.all()) else valid.long()
+    res = patched_pass(model, query_ids, targets, adapter=adapter, valid=valid, position_ids=position_ids,
+                       attention_mask=mask, output_patch=output_patch, stable=stable, tol=tol)
     n = int(context_ids.numel())
     index = position_ids.new_tensor(range(n, n + T)).expand(R, T)
     context_mask = torch.zeros(R, n + T, dtype=torch.bool, device=dev)
@@ -115,7 +122,6 @@ def _run_packed(model, adapter, context_ids: Tensor, queries: Sequence[Tensor], 
     meta = build_meta(model, adapter, res.slot, bos_is_context=True, renumber_positions=False, stable=stable)
     meta["shared_context"] = {"context_length": n, "prefix_lengths": list(prefix_lengths),
                               "query_positions": query_positions}
-    valid = torch.ones(R, T, dtype=torch.bool, device=dev)
     return ContextPatches(res.layers, query_ids, position_ids, valid, index, context_mask, meta)
 
 
@@ -129,10 +135,11 @@ def extract_many(model: nn.Module, context_ids: Tensor, queries: Sequence[Tensor
 
     Args:
         context_ids: (n,) the shared context.
-        queries: Q id tensors of equal length T, or a (Q, T) tensor.
+        queries: Q 1-D id tensors (lengths may differ: rows are right-padded, ``patches.valid`` marks the real
+            tokens), or a (Q, T) tensor.
         chunk_size: pack at most this many queries per context pass (bounds the packed length n + chunk·T).
     Returns:
-        :class:`ContextPatches` with batch (Q, T).
+        :class:`ContextPatches` with batch (Q, T), T the longest query.
     """
     adapter = get_adapter(model)
     ctx = _check(model, adapter, context_ids)

@@ -70,7 +70,7 @@ def _packed(model, ctx: Tensor, ids: Tensor, *, need_output: bool):
     K, T = ids.shape
     n = int(ctx.numel())
     rows = list(ids.to(next(model.parameters()).device).unbind(0))
-    targets, _ = packed_targets(model, get_adapter(model), ctx, rows, [n] * K)
+    targets, _, _ = packed_targets(model, get_adapter(model), ctx, rows, [n] * K)
     return targets.z, targets.r, (_with_context_logits(model, ctx, rows) if need_output else None)
 
 
