@@ -34,10 +34,10 @@ ContextualLayer = Callable[[Tensor], Tensor]
 
 
 # --------------------------------------------------------------------------------------- layers
-class SoftmaxAttention(nn.Module):
-    """Multi-head softmax self-attention: (..., n, d_model) -> (..., n, d_model), no positional encoding."""
+class _MultiHead(nn.Module):
+    """Shared parts of the attention layers: fused q/k/v projection, output projection W_O, head split."""
 
-    def __init__(self, *, d_model: int, n_heads: int = 1, causal: bool = True, bias: bool = False):
+    def __init__(self, *, d_model: int, n_heads: int, causal: bool, bias: bool):
         super().__init__()
         if d_model % n_heads:
             raise ContextPatchError(f"d_model={d_model} must be divisible by n_heads={n_heads}")
@@ -45,40 +45,42 @@ class SoftmaxAttention(nn.Module):
         self.qkv = nn.Linear(d_model, 3 * d_model, bias=bias)
         self.out = nn.Linear(d_model, d_model, bias=bias)
 
-    def forward(self, h: Tensor) -> Tensor:
+    def _heads(self, h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """q, k, v: (..., n, H, d_head) each."""
         *batch, n, d = h.shape
-        q, k, v = self.qkv(h).view(*batch, n, 3, self.n_heads, d // self.n_heads).unbind(-3)
-        q, k, v = (t.transpose(-2, -3) for t in (q, k, v))  # (..., H, n, d_head)
-        scores = q @ k.transpose(-1, -2) / math.sqrt(d // self.n_heads)
+        return self.qkv(h).view(*batch, n, 3, self.n_heads, d // self.n_heads).unbind(-3)
+
+    def _future(self, n: int, device) -> Tensor:
+        """(n, n) bool, True above the diagonal: the keys a causal query may not see."""
+        return torch.ones(n, n, dtype=torch.bool, device=device).triu(1)
+
+
+class SoftmaxAttention(_MultiHead):
+    """Multi-head softmax self-attention: (..., n, d_model) -> (..., n, d_model), no positional encoding."""
+
+    def __init__(self, *, d_model: int, n_heads: int = 1, causal: bool = True, bias: bool = False):
+        super().__init__(d_model=d_model, n_heads=n_heads, causal=causal, bias=bias)
+
+    def forward(self, h: Tensor) -> Tensor:
+        q, k, v = (t.transpose(-2, -3) for t in self._heads(h))  # (..., H, n, d_head)
+        scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
         if self.causal:
-            mask = torch.ones(n, n, dtype=torch.bool, device=h.device).triu(1)
-            scores = scores.masked_fill(mask, float("-inf"))
+            scores = scores.masked_fill(self._future(h.shape[-2], h.device), float("-inf"))
         y = scores.softmax(-1) @ v
-        return self.out(y.transpose(-2, -3).reshape(*batch, n, d))
+        return self.out(y.transpose(-2, -3).reshape(h.shape))
 
 
-class LinearAttention(nn.Module):
+class LinearAttention(_MultiHead):
     """Linear (softmax-free) self-attention, A(C, x) = Σ_h W_O^h Σ_{t ≤ x} v_t^h (k_t^h · q_x^h)."""
 
     def __init__(self, *, d_model: int, n_heads: int = 1, causal: bool = True):
-        super().__init__()
-        if d_model % n_heads:
-            raise ContextPatchError(f"d_model={d_model} must be divisible by n_heads={n_heads}")
-        self.n_heads, self.causal = n_heads, causal
-        self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
-        self.out = nn.Linear(d_model, d_model, bias=False)
-
-    def _heads(self, h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        *batch, n, d = h.shape
-        q, k, v = self.qkv(h).view(*batch, n, 3, self.n_heads, d // self.n_heads).unbind(-3)
-        return q, k, v  # (..., n, H, d_head)
+        super().__init__(d_model=d_model, n_heads=n_heads, causal=causal, bias=False)
 
     def forward(self, h: Tensor) -> Tensor:
         q, k, v = (t.transpose(-2, -3) for t in self._heads(h))
         scores = q @ k.transpose(-1, -2)
         if self.causal:
-            n = h.shape[-2]
-            scores = scores.masked_fill(torch.ones(n, n, dtype=torch.bool, device=h.device).triu(1), 0.0)
+            scores = scores.masked_fill(self._future(h.shape[-2], h.device), 0.0)
         y = scores @ v
         return self.out(y.transpose(-2, -3).reshape(h.shape))
 
