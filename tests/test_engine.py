@@ -7,6 +7,8 @@ import types
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import contextpatch as cp
 from contextpatch import (
@@ -382,3 +384,32 @@ def test_bfloat16_models_use_float32_side_paths(arch):
     assert v.dtype == "bfloat16"
     assert v.max_abs_diff <= 0.1 and v.control_max_abs_diff > 20 * v.max_abs_diff
     assert extract(model, ids, context=8).layers[0]["in.V"].dtype == torch.float32
+
+
+@settings(max_examples=25, deadline=None)
+@given(data=st.data())
+def test_random_context_masks_property(data):
+    """Any boolean context mask (per row, gaps anywhere, at least one context and one kept token) is exact."""
+    arch = data.draw(st.sampled_from(["gpt2", "llama", "gemma3"]), label="arch")
+    B, T = data.draw(st.integers(1, 3), label="B"), data.draw(st.integers(2, 12), label="T")
+    rows = []
+    for _ in range(B):
+        m = data.draw(st.lists(st.booleans(), min_size=T, max_size=T).filter(lambda r: any(r) and not all(r)))
+        rows.append(m)
+    mask = torch.tensor(rows)
+    model = _model_cache(arch)
+    ids = torch.randint(3, 100, (B, T), generator=torch.Generator().manual_seed(data.draw(st.integers(0, 99))))
+    v = verify(model, ids, context=mask)
+    assert v.max_abs_diff <= 1e-10, (arch, rows, v)
+    # the control: a row whose removed tokens precede a kept one must change that kept token's output
+    if any(any(r[:j]) and not r[j] for r in rows for j in range(T)):
+        assert v.control_max_abs_diff > 1e-6
+
+
+_MODELS: dict = {}
+
+
+def _model_cache(arch):
+    if arch not in _MODELS:
+        _MODELS[arch] = tiny_model(arch, dtype=torch.float64, seed=5)
+    return _MODELS[arch]
