@@ -154,3 +154,30 @@ def test_shipped_attention_converges(shipped):
     assert float(s[-1] / s[1]) < 0.1
     r = step_norm_curve(shipped["rnn"].model, 100, 5).mean(0)
     assert float(r[-1] / r[1]) > float(s[-1] / s[1])
+
+
+def test_shipped_deep_static_thought_patch(shipped):
+    """A static (query-independent) patch per layer, fitted on 25 queries, brings the 10-layer model without its
+    context close to its with-context MSE; the constant-residual variant and no patch at all stay far above."""
+    from contextpatch.experiments.common import test_prompts
+    from contextpatch.experiments.data import query_tokens
+    from contextpatch.experiments.thought_patch import _with_context_states, converged_K, fit_static
+
+    model = shipped["deep"].model.eval()
+    p = test_prompts(model, 2, seed=99)
+    g = torch.Generator().manual_seed(100)
+    K, mse = 25, {"affine": [], "constant": [], "context": [], "none": []}
+    for c in range(2):
+        xs = torch.randn(K + 100, 2, generator=g)
+        ys, q = xs @ p.w[c], query_tokens(xs)
+        states, out_c = _with_context_states(model, p.context[c], q)
+        for kind in ("affine", "constant"):
+            out = fit_static(model, states, q, K, 1e-3, residual=kind)[2]
+            mse[kind].append(float(((out[K:, -1] - ys[K:]) ** 2).mean()))
+        mse["context"].append(float(((out_c[K:, -1] - ys[K:]) ** 2).mean()))
+        with torch.no_grad():
+            mse["none"].append(float(((model(q.unsqueeze(1))[K:, 0, -1] - ys[K:]) ** 2).mean()))
+    m = {k: sum(v) / len(v) for k, v in mse.items()}
+    assert m["affine"] < 5 * m["context"] + 0.02, m
+    assert m["none"] > 10 * m["affine"] and m["constant"] > 3 * m["affine"], m
+    assert converged_K([1, 2, 3, 4], [5.0, 1.0, 0.5, 0.45]) == 3

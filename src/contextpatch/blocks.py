@@ -149,14 +149,18 @@ class MLP(nn.Module):
         """The first weight matrix W: (d_hidden, d_in), the one the token patch changes."""
         return self.fc.weight
 
-    def forward(self, z: Tensor, *, patch: LowRankPatch | None = None) -> Tensor:
+    def features(self, z: Tensor, *, patch: LowRankPatch | None = None) -> Tensor:
+        """g: the input of the output layer ``proj`` (the last hidden activation), with ΔW applied to W."""
         pre = self.fc(z)
         if patch is not None:
             pre = pre + patch.apply(z)  # (W + ΔW) z + b, with ΔW applied factored
         g = self.act(pre)
         for layer in self.hidden:
             g = self.act(layer(g))
-        return self.proj(g)
+        return g
+
+    def forward(self, z: Tensor, *, patch: LowRankPatch | None = None) -> Tensor:
+        return self.proj(self.features(z, patch=patch))
 
 
 class ContextualBlock(nn.Module):

@@ -175,8 +175,11 @@ def _differences(m: dict[str, Any]) -> str:
         if "deep" in models:
             d = models["deep"]
             last = d["test_mse_by_K"][str(d["Ks"][-1])]
-            line += (f" For the 10-layer model the layer-wise static patch (constant residual vectors) leaves a "
-                     f"held-out MSE of {fmt(last)} against {fmt(d['mse_with_context'])} with the context.")
+            const = d.get("test_mse_constant_residual_by_K", {}).get(str(d["Ks"][-1]))
+            line += (f" For the 10-layer model the layer-wise static patch (ΔW on W, and a static patch of each "
+                     f"MLP output layer for the residual difference) reaches a held-out MSE of {fmt(last)} against "
+                     f"{fmt(d['mse_with_context'])} with the context and {fmt(d['mse_context_free'])} without")
+            line += f"; a constant residual vector instead reaches only {fmt(const)}." if const is not None else "."
         out.append(line)
     return "\n".join(out)
 
