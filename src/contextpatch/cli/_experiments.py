@@ -44,20 +44,14 @@ def reproduce_cmd(
     json_out: bool = typer.Option(False, "--json", help="Print the headline metrics as one JSON object."),
 ) -> None:
     """Run all four experiments (equivalence, fine-tuning, convergence, thought patch) and write a report."""
+    _run(preset, out, checkpoints, progress, json_out, resume=resume)
+
+
+def _run(preset: str, out: Path, checkpoints: Path | None, progress: bool, json_out: bool, **kwargs) -> None:
     from ..experiments.run import reproduce
 
     try:
-        metrics = reproduce(preset, out, checkpoints=checkpoints, resume=resume, progress=progress)
-    except ContextPatchError as e:
-        fail(str(e))
-    _finish(metrics, out, json_out)
-
-
-def _one(name: str, preset: str, out: Path, checkpoints: Path | None, progress: bool, json_out: bool) -> None:
-    from ..experiments.run import reproduce
-
-    try:
-        metrics = reproduce(preset, out, checkpoints=checkpoints, progress=progress, experiments=[name])
+        metrics = reproduce(preset, out, checkpoints=checkpoints, progress=progress, **kwargs)
     except ContextPatchError as e:
         fail(str(e))
     _finish(metrics, out, json_out)
@@ -70,32 +64,26 @@ _JSON = typer.Option(False, "--json", help="Print the headline metrics as one JS
 _PRESET = typer.Option("default", help=_PRESET_HELP)
 
 
-@experiment_app.command("equivalence")
-def equivalence_cmd(preset: str = _PRESET, out: Path = _OUT, checkpoints: Path = _CK, progress: bool = _PROG,
-                    json_out: bool = _JSON) -> None:
-    """|T_W(C,x) − T_{W+ΔW}(x)| over 100 prompts, float32 and float64, per block; training curves."""
-    _one("equivalence", preset, out or Path("runs/equivalence"), checkpoints, progress, json_out)
+_EXPERIMENTS = {
+    "equivalence": "|T_W(C,x) − T_{W+ΔW}(x)| over 100 prompts, float32 and float64, per block; training curves.",
+    "finetune": "Online SGD on W over the context examples against the implicit updates ΔW_{i+1} − ΔW_i.",
+    "convergence": "‖ΔW_{i+1} − ΔW_i‖ against context length: softmax attention vs RNN.",
+    "thought-patch": "Static (query-independent) patches fitted by ridge least squares on K queries, tested "
+                     "without context.",
+}
 
 
-@experiment_app.command("finetune")
-def finetune_cmd(preset: str = _PRESET, out: Path = _OUT, checkpoints: Path = _CK, progress: bool = _PROG,
-                 json_out: bool = _JSON) -> None:
-    """Online SGD on W over the context examples against the implicit updates ΔW_{i+1} − ΔW_i."""
-    _one("finetune", preset, out or Path("runs/finetune"), checkpoints, progress, json_out)
+def _experiment_command(name: str, doc: str) -> None:
+    def cmd(preset: str = _PRESET, out: Path = _OUT, checkpoints: Path = _CK, progress: bool = _PROG,
+            json_out: bool = _JSON) -> None:
+        _run(preset, out or Path(f"runs/{name}"), checkpoints, progress, json_out, experiments=[name])
+
+    cmd.__doc__ = doc
+    experiment_app.command(name)(cmd)
 
 
-@experiment_app.command("convergence")
-def convergence_cmd(preset: str = _PRESET, out: Path = _OUT, checkpoints: Path = _CK, progress: bool = _PROG,
-                    json_out: bool = _JSON) -> None:
-    """‖ΔW_{i+1} − ΔW_i‖ against context length: softmax attention vs RNN."""
-    _one("convergence", preset, out or Path("runs/convergence"), checkpoints, progress, json_out)
-
-
-@experiment_app.command("thought-patch")
-def thought_patch_cmd(preset: str = _PRESET, out: Path = _OUT, checkpoints: Path = _CK, progress: bool = _PROG,
-                      json_out: bool = _JSON) -> None:
-    """Static (query-independent) patches fitted by ridge least squares on K queries, tested without context."""
-    _one("thought-patch", preset, out or Path("runs/thought-patch"), checkpoints, progress, json_out)
+for _name, _doc in _EXPERIMENTS.items():
+    _experiment_command(_name, _doc)
 
 
 @app.command("train")
