@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean parity
+.PHONY: demo test fuzz lint bench clean parity
 
 $(STAMP): pyproject.toml requirements-ci.txt
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,11 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -x -p no:cacheprovider
+
+# Random search for the property tests (tests/conftest.py: the "fuzz" hypothesis profile; `make test` is derandomized).
+fuzz: $(STAMP)
+	HYPOTHESIS_PROFILE=fuzz $(BIN)/python -m pytest -x -p no:cacheprovider tests/test_theory.py tests/test_blocks.py \
+		tests/test_engine.py -k "token_patch or property"
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -58,17 +58,12 @@ def main(quick: bool = False, out: Path | None = None) -> list[dict]:
     m_plain = peak_memory("bench_extraction:setup_plain", quick=quick)
     m_ext = peak_memory("bench_extraction:setup_extract", quick=quick)
     P = ext()
-    factor_bytes = sum(v.numel() * v.element_size() for layer in P.layers for v in layer.values())
+    factor_bytes = P.nbytes()                     # the input patches' shared right factor is counted once
     dense_bytes = 0
-    for layer in P.layers:
-        per_tok = layer["in.V"].shape[-1]
-        for k, v in layer.items():
-            if k.startswith("in.U."):
-                dense_bytes += v.numel() * per_tok * v.element_size()
-            elif k == "out.U":
-                dense_bytes += v.numel() * layer["out.V"].shape[-1] * v.element_size()
-            elif k in ("out.bias", "out.scale"):
-                dense_bytes += v.numel() * v.element_size()
+    for i in range(P.num_layers):
+        for patch in P.layer_patches(i).values():
+            dense_bytes += patch.dense_nbytes() if hasattr(patch, "dense_nbytes") else \
+                patch.delta.numel() * patch.delta.element_size()
     layout = make_layout(full, n)
     with torch.no_grad():
         cap = capture_targets(model, full, layout.index, need_output=False)

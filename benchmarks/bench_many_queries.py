@@ -32,8 +32,8 @@ def main(quick: bool = False, out: Path | None = None) -> list[dict]:
         separate = [extract(model, torch.cat([ctx, queries[q]]), context=n) for q in range(Q)]
         t_sep = time.perf_counter() - t0
     shared = extract_many(model, ctx, queries, chunk_size=chunk)
-    diff = max(float((shared.layers[l]["in.U.mlp.c_fc"][q] - separate[q].layers[l]["in.U.mlp.c_fc"][0]).abs().max())
-               for q in range(Q) for l in range(len(shared.layers)))
+    diff = max(float((shared.layers[l].inputs["mlp.c_fc"].U[q] - separate[q].layers[l].inputs["mlp.c_fc"].U[0])
+                     .abs().max()) for q in range(Q) for l in range(len(shared.layers)))
     ratio = t_shared / t_sep
     rows = [{"target": f"3. time shared / {Q} separate extractions ({n} ctx, {Q}x{T} query)",
              "measured": f"{ratio:.3f}", "bar": "≤ 0.2", "met": ratio <= 0.2,

@@ -39,7 +39,7 @@ def main(quick: bool = False, out: Path | None = None) -> list[dict]:
          "detail": {"batched_s": round(t_fast, 3), "naive_s": round(t_slow, 3),
                     "prefix_rows_per_pass": n if chunk is None else chunk}},
         {"target": "4b. max abs diff of dynamics norms, batched vs naive", "measured": f"{diff:.2e}", "bar": "≤ 1e-4",
-         "met": diff <= 1e-4,
+         "met": diff <= 1e-4, "correctness": True,
          "detail": {"largest step norm": f"{float(slow.step_norms.max()):.3e}"}},
     ]
     report("prefix dynamics", rows, out, quick)

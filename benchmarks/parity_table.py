@@ -1,10 +1,13 @@
-"""Parity table: every family's tiny random model, float64 and float32, patched vs with-context.
+"""Parity table: every family's tiny random model, float64 and float32, patched vs a plain forward pass.
 
     python benchmarks/parity_table.py [--out docs/parity.md] [--seeds 3]
 
-For each family × dtype it runs ``contextpatch.verify`` (2 rows × 12 tokens, context = first 8) over
-several seeds and reports the largest max |Δ output| of the patched context-free pass and the smallest
-unpatched control (logits; BERT: final hidden states). Nothing in the table is typed by hand.
+For each family × configuration × dtype it runs ``contextpatch.verify`` over several seeds: the patched
+context-free output against a plain, hook-free forward pass of the model on the full input. "default": the tiny
+config, 2 rows × 12 tokens, context = the first 8. "adversarial": ``adapters.ADVERSARIAL`` (windows of 3–4
+tokens, softcapping, mixed sliding/global layers) and three contexts on 2 rows × 16 tokens (the first 8, the
+middle span 2..8, a scattered per-row mask with uneven kept counts). It reports the largest max |Δ output| and the
+smallest unpatched control (logits; BERT: final hidden states). Nothing in the table is typed by hand.
 """
 
 from __future__ import annotations
@@ -22,10 +25,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _readme import update_section, write_atomic  # noqa: E402
 
 from contextpatch import verify
-from contextpatch.adapters import TINY_ARCHS, get_adapter, tiny_model
+from contextpatch.adapters import ADVERSARIAL, TINY_ARCHS, adversarial_contexts, get_adapter, tiny_model
 
-EXTRA = [("gemma2", {}, {"stable": True}, "gemma2 (stable)"),
-         ("gemma3", {}, {"stable": True}, "gemma3 (stable)"),
+EXTRA = [("gemma2", {}, {"output_patch": "scale"}, "gemma2 (plain scale)"),
+         ("gemma3", {}, {"output_patch": "scale"}, "gemma3 (plain scale)"),
          ("gpt_neox", {"use_parallel_residual": False}, {}, "gpt_neox (sequential)"),
          ("falcon", {"parallel_attn": False}, {}, "falcon (sequential)")]
 
@@ -33,15 +36,22 @@ EXTRA = [("gemma2", {}, {"stable": True}, "gemma2 (stable)"),
 def rows(seeds: int):
     cases = [(a, {}, {}, a) for a in TINY_ARCHS] + EXTRA
     for arch, overrides, opts, label in cases:
-        for dtype in (torch.float64, torch.float32):
-            worst, control, slot = 0.0, float("inf"), ""
-            for seed in range(seeds):
-                m = tiny_model(arch, dtype=dtype, seed=seed, overrides=overrides)
-                x = torch.randint(3, 100, (2, 12), generator=torch.Generator().manual_seed(seed))
-                v = verify(m, x, context=8, **opts)
-                worst, control, slot = max(worst, v.max_abs_diff), min(control, v.control_max_abs_diff), v.slot
-            bar = get_adapter(m).float64_floor if dtype == torch.float64 else 1e-4
-            yield label, slot, str(dtype).replace("torch.", ""), worst, control, bar
+        for config in ("default", "adversarial"):
+            if config == "adversarial" and overrides:
+                continue
+            ov = dict(overrides, **(ADVERSARIAL.get(arch, {}) if config == "adversarial" else {}))
+            T, contexts = (12, [8]) if config == "default" else (16, list(adversarial_contexts(16).values()))
+            for dtype in (torch.float64, torch.float32):
+                worst, control, slot = 0.0, float("inf"), ""
+                for seed in range(seeds):
+                    m = tiny_model(arch, dtype=dtype, seed=seed, overrides=ov)
+                    x = torch.randint(3, 100, (2, T), generator=torch.Generator().manual_seed(seed))
+                    for ctx in contexts:
+                        v = verify(m, x, context=ctx, **opts)
+                        worst, control = max(worst, v.max_abs_diff), min(control, v.control_max_abs_diff)
+                        slot = v.slot
+                bar = get_adapter(m).float64_floor if dtype == torch.float64 else 1e-4
+                yield label, config, slot, str(dtype).replace("torch.", ""), worst, control, bar
 
 
 def main(argv=None) -> int:
@@ -53,19 +63,23 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     t0 = time.time()
-    lines = ["| family | output patch | dtype | max \\|Δ\\| patched | min unpatched control | bar | ok |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| family | config | output patch | dtype | max \\|Δ\\| patched | min unpatched control | bar | ok |",
+             "|---|---|---|---|---|---|---|---|"]
     ok_all = True
-    for label, slot, dt, worst, control, bar in rows(args.seeds):
+    for label, config, slot, dt, worst, control, bar in rows(args.seeds):
         ok = worst <= bar and control > 1e-2
         ok_all &= ok
-        lines.append(f"| {label} | {slot} | {dt} | {worst:.2e} | {control:.2e} | {bar:.0e} | {'yes' if ok else 'NO'} |")
+        lines.append(f"| {label} | {config} | {slot} | {dt} | {worst:.2e} | {control:.2e} | {bar:.0e} | "
+                     f"{'yes' if ok else 'NO'} |")
     head = (f"Generated by `python benchmarks/parity_table.py --seeds {args.seeds}` "
             f"(torch {torch.__version__}, transformers {transformers.__version__}, {platform.machine()}, "
-            f"{time.time() - t0:.0f} s). Tiny random models (hidden 32, 3 layers, vocab 100, randomised norm "
-            "gains and biases, eager attention), 2 rows × 12 tokens, context = first 8 tokens, original "
-            "positions; max over the 4 query tokens, both rows and all seeds. Output = logits (BERT: final "
-            "hidden states). bar: float64 1e-10, float32 1e-4.\n")
+            f"{time.time() - t0:.0f} s). Reference: a plain, hook-free forward pass of the model on the full input. "
+            "Tiny random models (hidden 32, 3 layers, vocab 100, randomised norm gains and biases, eager "
+            "attention). default: 2 rows × 12 tokens, context = first 8. adversarial: `adapters.ADVERSARIAL` "
+            "(sliding windows of 3–4 tokens, attention/final softcapping, mixed sliding/global layers) with three "
+            "contexts on 2 rows × 16 tokens: the first 8, the middle span 2..8, and a scattered per-row mask with "
+            "uneven kept counts. Max over the query tokens, both rows, all contexts and seeds; min control. Output "
+            "= logits (BERT: final hidden states). bar: float64 1e-10, float32 1e-4.\n")
     text = head + "\n" + "\n".join(lines) + "\n"
     print(text)
     if args.out:

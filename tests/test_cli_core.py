@@ -1,6 +1,9 @@
 """CLI: verify-block prints the equivalence, the control and ‖ΔW‖; bad input gives one clear message."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 from typer.testing import CliRunner
@@ -46,4 +49,18 @@ def test_help_everywhere():
 
 def test_version():
     res = runner.invoke(app, ["--version"])
-    assert res.exit_code == 0 and "contextpatch 0.1.0" in res.stdout
+    assert res.exit_code == 0 and "contextpatch 0.2.0" in res.stdout
+
+
+def run_piped(*args: str, **env: str) -> subprocess.CompletedProcess:
+    """The CLI in a subprocess with stdout and stderr piped, as in a script or a CI log."""
+    return subprocess.run([sys.executable, "-m", "contextpatch.cli", *args], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, **env})
+
+
+def test_error_is_one_line_when_piped():
+    """A long message is not wrapped at rich's 80 columns when stderr is not a terminal."""
+    res = run_piped("verify-block", "--layer", "x" * 100)
+    assert res.returncode == 2, res.stderr
+    lines = res.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: unknown contextual layer") and "x" * 100 in lines[0], lines

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 from typer.testing import CliRunner
@@ -11,8 +14,6 @@ from contextpatch import ContextPatches
 from contextpatch.cli import app
 
 runner = CliRunner()
-
-
 
 
 def run(*args):
@@ -40,9 +41,11 @@ def test_verify_token_ids_and_options():
 
 
 def test_verify_text_output():
-    res, out = run("verify", "--arch", "gemma2", "--random", "--stable")
+    res, out = run("verify", "--arch", "gemma2", "--random", "--output-patch", "scale")
     assert res.exit_code == 0, res.output
-    assert "max |patched − with-context|" in out and "control" in out
+    assert "max |patched − with-context|" in out and "control" in out and "scale output" in out.replace("\n", "")
+    res, out = run("verify", "--arch", "gemma2", "--random", "--output-patch", "nope")
+    assert res.exit_code == 2 and "nope" in res.output   # an enum: typer lists the choices
 
 
 def test_extract_writes_patches_and_table(tmp_path):
@@ -50,7 +53,7 @@ def test_extract_writes_patches_and_table(tmp_path):
     assert res.exit_code == 0, res.output
     assert "‖ΔW_in‖" in out and "saved to" in out
     p = ContextPatches.load(tmp_path / "p")
-    assert p.num_layers == 3 and p.meta["family"] == "gpt2"
+    assert p.num_layers == 3 and p.meta.family == "gpt2"
     res, out = run("extract", "--arch", "mixtral", "--random", "--out", str(tmp_path / "q"), "--json")
     assert res.exit_code == 0, res.output
     d = json.loads(out)
@@ -95,3 +98,16 @@ def test_missing_model_folder_is_one_clear_error(tmp_path):
     res = CliRunner().invoke(app, ["verify", "--model", str(tmp_path / "nope"), "--context", "a", "--query", "b"])
     text = " ".join(res.output.split())  # rich wraps long lines
     assert res.exit_code == 2 and "no such folder" in text and "Traceback" not in text
+
+
+@pytest.mark.parametrize("cmd", [["verify", "--context", "a", "--query", "b"], ["compress", "--context", "a"]])
+def test_unknown_hub_model_is_one_line_when_piped(cmd):
+    """No retry or warning logging from huggingface_hub / transformers: one line naming the model (offline, fast)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    res = subprocess.run([sys.executable, "-m", "contextpatch.cli", cmd[0], "--model", "no-such-org/no-such-model",
+                          *cmd[1:]], capture_output=True, text=True, timeout=300, env=env)
+    assert res.returncode == 2, res.stdout + res.stderr
+    lines = (res.stdout + res.stderr).splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("error: could not load model 'no-such-org/no-such-model'"), lines
+    assert "neither a local folder nor reachable on the Hub" in lines[0]

@@ -161,7 +161,7 @@ def test_shipped_deep_static_thought_patch(shipped):
     context close to its with-context MSE; the constant-residual variant and no patch at all stay far above."""
     from contextpatch.experiments.common import test_prompts
     from contextpatch.experiments.data import query_tokens
-    from contextpatch.experiments.thought_patch import _with_context_states, converged_K, fit_static
+    from contextpatch.experiments.thought_patch import _with_context_states, converged_K, fit_thought_patch
 
     model = shipped["deep"].model.eval()
     p = test_prompts(model, 2, seed=99)
@@ -172,7 +172,7 @@ def test_shipped_deep_static_thought_patch(shipped):
         ys, q = xs @ p.w[c], query_tokens(xs)
         states, out_c = _with_context_states(model, p.context[c], q)
         for kind in ("affine", "constant"):
-            out = fit_static(model, states, q, K, 1e-3, residual=kind)[2]
+            out = fit_thought_patch(model, states, q, K, 1e-3, residual=kind)[2]
             mse[kind].append(float(((out[K:, -1] - ys[K:]) ** 2).mean()))
         mse["context"].append(float(((out_c[K:, -1] - ys[K:]) ** 2).mean()))
         with torch.no_grad():

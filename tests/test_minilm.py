@@ -56,3 +56,16 @@ def test_minilm_float64(loaded):
     v = verify(model.to(torch.float64), enc["input_ids"], query=tt.bool(), token_type_ids=tt)
     model.to(torch.float32)
     assert v.max_abs_diff <= 1e-10 and v.control_max_abs_diff > 1e-2
+
+
+def test_a_capture_pass_reading_rotated_positions_fails_verify(loaded, monkeypatch):
+    """Mutation check: if the capture pass kept the targets of the wrong (rotated) query positions, verify() must
+    say so. Its reference is a plain forward pass of the model, not the capture pass's own output."""
+    import contextpatch.engine._extract as ex
+
+    model, enc = loaded
+    tt = enc["token_type_ids"]
+    real = ex.capture_targets
+    monkeypatch.setattr(ex, "capture_targets", lambda m, ids, index, **kw: real(m, ids, index.roll(1, dims=1), **kw))
+    v = verify(model, enc["input_ids"], query=tt.bool(), token_type_ids=tt)
+    assert v.max_abs_diff > 1e-2, v

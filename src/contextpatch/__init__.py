@@ -1,14 +1,18 @@
-"""contextpatch: a transformer's context as exact weight patches (Dherin et al. 2025 and follow-ups)."""
+"""contextpatch: a transformer's context as exact weight patches (Dherin et al. 2025 and follow-ups).
+
+The top level holds what the README's examples type; everything else is importable from its submodule:
+``contextpatch.theory`` (pure tensor functions), ``contextpatch.blocks`` (the paper's objects as modules),
+``contextpatch.adapters`` (one record per HF family), ``contextpatch.engine`` (both engine steps, records,
+shared-context passes), ``contextpatch.experiments`` (the paper's regression experiments).
+"""
 
 from ._errors import ContextPatchError, DegenerateNormError, PatchFileError, UnsupportedModelError
-from ._patches import LowRankPatch, ScalePatch, VectorPatch, stack_patches, sum_patches
-from .adapters import SUPPORTED_FAMILIES, get_adapter
+from ._patches import LowRankPatch
+from .adapters import SUPPORTED_FAMILIES
 from .engine import (
     ContextPatches,
-    GenerationResult,
-    PrefixDynamics,
+    OutputPatch,
     StaticPatches,
-    Verification,
     evaluate_static,
     extract,
     extract_many,
@@ -19,33 +23,14 @@ from .engine import (
     run_patched,
     verify,
 )
-from .theory import (
-    GDDynamics,
-    ProductDynamics,
-    bias_patch,
-    gd_dynamics,
-    input_patch,
-    linear_attention_patch,
-    linear_loss,
-    normalized_inner,
-    output_weight_patch,
-    product_dynamics,
-    residual_patch,
-    scale_patch,
-    static_patch,
-    token_patch,
-)
+from .theory import token_patch
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "ContextPatchError", "DegenerateNormError", "PatchFileError", "UnsupportedModelError",
-    "LowRankPatch", "ScalePatch", "VectorPatch", "stack_patches", "sum_patches",
-    "GDDynamics", "ProductDynamics", "bias_patch", "gd_dynamics", "input_patch", "linear_attention_patch",
-    "linear_loss", "normalized_inner", "output_weight_patch", "product_dynamics", "residual_patch",
-    "scale_patch", "static_patch", "token_patch",
-    "ContextPatches", "GenerationResult", "Verification", "extract", "generate", "run_patched", "verify",
-    "extract_many", "extract_prefixes", "prefix_dynamics", "PrefixDynamics",
+    "LowRankPatch", "token_patch", "OutputPatch", "SUPPORTED_FAMILIES",
+    "extract", "verify", "run_patched", "generate", "ContextPatches",
+    "extract_many", "extract_prefixes", "prefix_dynamics",
     "fit_static", "evaluate_static", "StaticPatches",
-    "SUPPORTED_FAMILIES", "get_adapter",
 ]

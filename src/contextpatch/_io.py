@@ -10,14 +10,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ._errors import ContextPatchError
+
 __all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_write_json", "atomic_write_with", "save_figure",
            "ensure_out_dir", "jsonable"]
 
 
 def ensure_out_dir(path: Path | str) -> Path:
     """Create the output folder (with parents) and check it is writable; raise ContextPatchError otherwise."""
-    from ._errors import ContextPatchError
-
     p = Path(path)
     try:
         p.mkdir(parents=True, exist_ok=True)

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ._errors import ContextPatchError
-from .blocks import MLP, ContextualBlock, PreLNStack, extract_patches, make_layer, run_patched, subcontext_mask
+from .blocks import MLP, ContextualBlock, PreLNStack, extract_patches, make_layer, run_blocks, subcontext_mask
 
 __all__ = ["BlockCheck", "verify_random_block"]
 
@@ -64,9 +64,9 @@ def verify_random_block(*, layer: str = "softmax", d_model: int = 8, n_heads: in
     keep = subcontext_mask(n_context, remove)
     with torch.no_grad():
         patches = extract_patches(blocks, tokens, keep)
-        ref = run_patched(blocks, tokens)[..., keep, :][..., -1, :]
-        patched = run_patched(blocks, tokens[..., keep, :], patches)[..., -1, :]
-        unpatched = run_patched(blocks, tokens[..., keep, :])[..., -1, :]
+        ref = run_blocks(blocks, tokens)[..., keep, :][..., -1, :]
+        patched = run_blocks(blocks, tokens[..., keep, :], patches)[..., -1, :]
+        unpatched = run_blocks(blocks, tokens[..., keep, :])[..., -1, :]
     diff = float((ref - patched).abs().max())
     return BlockCheck(
         max_abs_diff=diff,

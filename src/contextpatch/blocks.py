@@ -27,7 +27,7 @@ from .theory import input_patch
 __all__ = [
     "SoftmaxAttention", "LinearAttention", "SimpleRNN", "MLP", "ContextualBlock", "PreLNBlock", "PreLNStack",
     "context_outputs", "prefix_outputs", "suffix_outputs", "subcontext_mask", "BlockPatches", "extract_patches",
-    "run_patched", "make_layer",
+    "run_blocks", "make_layer",
 ]
 
 ContextualLayer = Callable[[Tensor], Tensor]
@@ -211,7 +211,7 @@ class PreLNStack(nn.Module):
             for _ in range(n_layers))
 
     def forward(self, h: Tensor, patches: Sequence[BlockPatches] | None = None) -> Tensor:
-        return run_patched(self.blocks, h, patches)
+        return run_blocks(self.blocks, h, patches)
 
 
 # ------------------------------------------------------------------------------ context handling
@@ -336,7 +336,7 @@ def extract_patches(blocks: Sequence[nn.Module], tokens: Tensor, keep: Tensor, *
     return out
 
 
-def run_patched(blocks: Sequence[nn.Module], h: Tensor, patches: Sequence[BlockPatches] | None = None) -> Tensor:
+def run_blocks(blocks: Sequence[nn.Module], h: Tensor, patches: Sequence[BlockPatches] | None = None) -> Tensor:
     """Run blocks in sequence, applying each block's patches (None: the unpatched model)."""
     if patches is not None and len(patches) != len(blocks):
         raise ContextPatchError(f"got patches for {len(patches)} blocks, the model has {len(blocks)}")

@@ -2,7 +2,7 @@
 
 from ._base import FamilyAdapter, ResolvedBlock
 from ._registry import ADAPTERS, SUPPORTED_FAMILIES, get_adapter
-from .tiny import TINY_ARCHS, tiny_config, tiny_model
+from .tiny import ADVERSARIAL, TINY_ARCHS, adversarial_contexts, tiny_config, tiny_model
 
 __all__ = ["FamilyAdapter", "ResolvedBlock", "ADAPTERS", "SUPPORTED_FAMILIES", "get_adapter",
-           "TINY_ARCHS", "tiny_config", "tiny_model"]
+           "TINY_ARCHS", "tiny_config", "tiny_model", "ADVERSARIAL", "adversarial_contexts"]

@@ -11,7 +11,7 @@ from torch import nn
 
 from .._errors import UnsupportedModelError
 
-__all__ = ["TINY_ARCHS", "tiny_config", "tiny_model"]
+__all__ = ["TINY_ARCHS", "tiny_config", "tiny_model", "ADVERSARIAL", "adversarial_contexts"]
 
 _V, _D, _F, _L, _H, _KV, _HD, _P = 100, 32, 64, 3, 4, 2, 8, 64
 _TOK = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0)
@@ -94,3 +94,29 @@ def tiny_model(arch: str, *, dtype: torch.dtype = torch.float64, seed: int = 0, 
     if device is not None:
         model = model.to(device)
     return model.eval()
+
+
+# Configurations where exactness is hardest to keep (tests and the README parity table use these): sliding
+# windows shorter than the context (padding slots fully outside every window), attention and final-logit
+# softcapping, layers mixing sliding and global attention, partial rotary, MoE routing.
+ADVERSARIAL: dict[str, dict] = {
+    "mistral": {"sliding_window": 3},
+    "qwen2": {"use_sliding_window": True, "sliding_window": 3, "max_window_layers": 1,
+              "layer_types": ["full_attention", "sliding_attention", "sliding_attention"]},
+    "qwen3": {"use_sliding_window": True, "sliding_window": 3, "max_window_layers": 1,
+              "layer_types": ["full_attention", "sliding_attention", "sliding_attention"]},
+    "gemma2": {"sliding_window": 4, "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0,
+               "layer_types": ["sliding_attention", "full_attention", "sliding_attention"]},
+    "gemma3": {"sliding_window": 3, "attn_logit_softcapping": 20.0, "final_logit_softcapping": 30.0,
+               "layer_types": ["sliding_attention", "full_attention", "sliding_attention"]},
+    "mixtral": {"sliding_window": 3},
+}
+
+
+def adversarial_contexts(T: int = 16) -> dict[str, object]:
+    """Context specs for a (2, T) batch: a prefix, a middle span, and a scattered per-row mask whose rows keep
+    different numbers of tokens (so the context-free pass pads one row far beyond a short window)."""
+    scattered = torch.zeros(2, T, dtype=torch.bool)
+    scattered[0, [1, 2, 4, 5, 6, 7, 9, 10, 11, 12, 13]] = True       # row 0 keeps 5 tokens, scattered
+    scattered[1, [3, 8]] = True                                      # row 1 keeps T − 2 tokens
+    return {"prefix": T // 2, "middle": slice(2, 9), "scattered": scattered}

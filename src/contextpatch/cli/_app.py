@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
+import os
 import sys
-from typing import Any
+import warnings
+from collections.abc import Iterator
+from typing import Any, NoReturn
 
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from .._io import jsonable
 
@@ -22,7 +28,7 @@ app = typer.Typer(
 )
 
 console = Console(stderr=False)
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, soft_wrap=True)  # soft_wrap: an error stays one line in a pipe or a log
 
 
 def print_json(obj: dict) -> None:
@@ -40,10 +46,38 @@ def print_table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
     console.print(t)
 
 
-def fail(msg: str, code: int = 2) -> None:
-    """Print one clear error message and exit non-zero (no traceback)."""
-    err_console.print(f"[bold red]error:[/] {msg}")
+def fail(msg: str, code: int = 2) -> NoReturn:
+    """Print one clear error message, on one line, and exit non-zero (no traceback)."""
+    # Text, not markup: a message may contain [brackets]; its own line breaks are joined into one line
+    err_console.print(Text.assemble(("error:", "bold red"), " ", " ".join(msg.split())))
     raise typer.Exit(code)
+
+
+@contextlib.contextmanager
+def quiet_hub_loading() -> Iterator[None]:
+    """Silence huggingface_hub / transformers logging (e.g. a retry line per failed request) and warnings.
+
+    A failed load then ends in one ``error:`` line (:func:`model_load_failed`); the levels are restored after.
+    """
+    loggers = [logging.getLogger(name) for name in ("huggingface_hub", "transformers")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
+def model_load_failed(model: str, e: Exception) -> NoReturn:
+    """One error line for a failed ``from_pretrained(model)``."""
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    if isinstance(e, OSError) and not os.path.isdir(os.path.expanduser(model)):
+        fail(f"could not load model {model!r}: it is neither a local folder nor reachable on the Hub ({first})")
+    fail(f"could not load model {model!r}: {first}")
 
 
 def _version(value: bool) -> None:

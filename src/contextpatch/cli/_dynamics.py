@@ -9,7 +9,22 @@ import typer
 from .._errors import ContextPatchError
 from .._io import atomic_write_json, ensure_out_dir, save_figure
 from ._app import app, console, fail, print_json, print_table
-from ._hf import _ARCH, _CLEN, _CONTEXT, _DEVICE, _DTYPE, _JSON, _MODEL, _QLEN, _QUERY, _RANDOM, _SEED, _load
+from ._hf import (
+    _ARCH,
+    _CLEN,
+    _CONTEXT,
+    _DEVICE,
+    _DTYPE,
+    _JSON,
+    _MODEL,
+    _QLEN,
+    _QUERY,
+    _RANDOM,
+    _SEED,
+    DType,
+    Family,
+    _load,
+)
 
 
 def plot_dynamics(dyn, path: Path, *, token: int = -1) -> None:
@@ -41,10 +56,10 @@ def plot_dynamics(dyn, path: Path, *, token: int = -1) -> None:
 
 @app.command("dynamics")
 def dynamics_cmd(
-    model: str = _MODEL, arch: str = _ARCH, random: bool = _RANDOM, context: str = _CONTEXT, query: str = _QUERY,
+    model: str = _MODEL, arch: Family = _ARCH, random: bool = _RANDOM, context: str = _CONTEXT, query: str = _QUERY,
     out: str = typer.Option(..., "--out", help="Directory for dynamics.json and dynamics.png."),
     context_len: int = _CLEN, query_len: int = typer.Option(1, "--query-len", help=_QLEN.help),
-    dtype: str = _DTYPE, device: str = _DEVICE, seed: int = _SEED,
+    dtype: DType = _DTYPE, device: str = _DEVICE, seed: int = _SEED,
     query_positions: str = typer.Option("prefix", help="prefix: the query follows c_1..c_i directly (the prompt "
                                                        "[c_1..c_i, x]); original: it keeps its position after C."),
     chunk_size: int = typer.Option(256, help="Prefix rows per packed context pass (bounds memory)."),

@@ -19,9 +19,9 @@ _PRESET_HELP = ("default: the shipped checkpoints; quick: tiny models trained in
 
 
 def _headline_rows(metrics: dict) -> list[list]:
-    from ..experiments.run import _flatten, headline
+    from ..experiments.run import flatten_metrics, headline
 
-    return [[k, v] for k, v in _flatten(headline(metrics)).items()]
+    return [[k, v] for k, v in flatten_metrics(headline(metrics)).items()]
 
 
 def _finish(metrics: dict, out: Path, json_out: bool) -> None:

@@ -4,14 +4,28 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from enum import Enum
 
 import torch
 import typer
 
 from .._errors import ContextPatchError
-from ._app import app, console, fail, print_json, print_table
+from ..adapters import TINY_ARCHS
+from ..engine import OutputPatch
+from ._app import app, console, fail, model_load_failed, print_json, print_table, quiet_hub_loading
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+class DType(str, Enum):
+    """Model dtypes offered on the command line."""
+
+    float32 = "float32"
+    float64 = "float64"
+
+
+Family = Enum("Family", {name: name for name in TINY_ARCHS}, type=str)   # the families with tiny random models
+Family.__doc__ = "Families a tiny random model can be built for (``--arch``)."
 
 
 @dataclass
@@ -36,6 +50,7 @@ def _parse_ids(text: str, what: str, vocab: int) -> list[int]:
 
 def _load(model: str | None, arch: str | None, random: bool, context: str | None, query: str | None,
           context_len: int, query_len: int, dtype: str, device: str, seed: int) -> _Inputs:
+    dtype, arch = getattr(dtype, "value", dtype), getattr(arch, "value", arch)
     if dtype not in _DTYPES:
         fail(f"--dtype must be float32 or float64, got {dtype!r}")
     dt = _DTYPES[dtype]
@@ -70,12 +85,13 @@ def _load(model: str | None, arch: str | None, random: bool, context: str | None
         fail(f"--model {model!r}: no such folder (give a local model folder or a Hub name like 'gpt2')")
     try:
         import transformers as tf
-        cfg = tf.AutoConfig.from_pretrained(model)
-        auto = tf.AutoModel if cfg.model_type == "bert" else tf.AutoModelForCausalLM
-        m = auto.from_pretrained(model, dtype=dt, attn_implementation="eager").to(device).eval()
-        tok = tf.AutoTokenizer.from_pretrained(model)
+        with quiet_hub_loading():
+            cfg = tf.AutoConfig.from_pretrained(model)
+            auto = tf.AutoModel if cfg.model_type == "bert" else tf.AutoModelForCausalLM
+            m = auto.from_pretrained(model, dtype=dt, attn_implementation="eager").to(device).eval()
+            tok = tf.AutoTokenizer.from_pretrained(model)
     except (OSError, ValueError, KeyError) as e:
-        fail(f"could not load model {model!r}: {str(e).splitlines()[0]}")
+        model_load_failed(model, e)
     from ..adapters import get_adapter
     try:
         family = get_adapter(m).name
@@ -89,42 +105,41 @@ def _load(model: str | None, arch: str | None, random: bool, context: str | None
 
 
 _MODEL = typer.Option(None, "--model", help="HF model path or Hub name (needs the weights or network).")
-_ARCH = typer.Option(None, "--arch", help="Tiny random model family (with --random): gpt2, llama, qwen2, qwen3, "
-                                          "mistral, gemma, gemma2, gemma3, bert, phi, gptj, gpt_neox, falcon, "
-                                          "mixtral.")
+_ARCH = typer.Option(None, "--arch", case_sensitive=False, help="Tiny random model family (with --random).")
 _RANDOM = typer.Option(False, "--random", help="Build a tiny random-weight model offline (needs --arch).")
 _CONTEXT = typer.Option(None, "--context", help="Context text (--model) or token ids '5,17,42' (--random).")
 _QUERY = typer.Option(None, "--query", help="Query text (--model) or token ids (--random).")
 _CLEN = typer.Option(8, "--context-len", help="--random without --context: random context length.")
 _QLEN = typer.Option(4, "--query-len", help="--random without --query: random query length.")
-_DTYPE = typer.Option("float32", "--dtype", help="float32 or float64.")
+_DTYPE = typer.Option(DType.float32, "--dtype", case_sensitive=False, help="Model dtype.")
 _DEVICE = typer.Option("cpu", "--device", help="torch device, e.g. cpu or cuda:0.")
 _SEED = typer.Option(0, "--seed", help="Seed of the random model and random token ids.")
 _BOS = typer.Option(True, "--bos-in-context/--bos-in-query",
                     help="Whether the first token (BOS) counts as context or stays in the context-free pass.")
 _RENUM = typer.Option(False, "--renumber-positions", help="Give the query positions 0.. instead of its original ones.")
-_OUTP = typer.Option("auto", "--output-patch", help="auto, bias or weight (the output-slot variant).")
-_STABLE = typer.Option(False, "--stable", help="Gemma-2/3: the numerically stable post-norm variant.")
+_OUTP = typer.Option(OutputPatch.auto, "--output-patch", case_sensitive=False,
+                     help="Output-slot variant: auto (bias if the MLP output has one, else weight; Gemma-2/3 stable; "
+                          "Mixtral moe), bias, weight, or for Gemma-2/3 scale (plain, ill-conditioned) / stable.")
 _JSON = typer.Option(False, "--json", help="Print one JSON object instead of tables.")
 
 
-def _opts(bos: bool, renumber: bool, output_patch: str, stable: bool) -> dict:
-    return dict(bos_is_context=bos, renumber_positions=renumber, output_patch=output_patch, stable=stable)
+def _opts(bos: bool, renumber: bool, output_patch: OutputPatch) -> dict:
+    return dict(bos_is_context=bos, renumber_positions=renumber, output_patch=OutputPatch(output_patch).value)
 
 
 @app.command("extract")
-def extract_cmd(model: str = _MODEL, arch: str = _ARCH, random: bool = _RANDOM, context: str = _CONTEXT,
+def extract_cmd(model: str = _MODEL, arch: Family = _ARCH, random: bool = _RANDOM, context: str = _CONTEXT,
                 query: str = _QUERY, out: str = typer.Option(..., "--out", help="Directory for the patch files."),
-                context_len: int = _CLEN, query_len: int = _QLEN, dtype: str = _DTYPE, device: str = _DEVICE,
-                seed: int = _SEED, bos: bool = _BOS, renumber: bool = _RENUM, output_patch: str = _OUTP,
-                stable: bool = _STABLE, json_out: bool = _JSON) -> None:
+                context_len: int = _CLEN, query_len: int = _QLEN, dtype: DType = _DTYPE, device: str = _DEVICE,
+                seed: int = _SEED, bos: bool = _BOS, renumber: bool = _RENUM, output_patch: OutputPatch = _OUTP,
+                json_out: bool = _JSON) -> None:
     """Turn the context into per-layer, per-token MLP patches, save them (safetensors + JSON) and print a summary."""
     from ..engine import extract
 
     inp = _load(model, arch, random, context, query, context_len, query_len, dtype, device, seed)
     try:
         patches = extract(inp.model, inp.input_ids, context=inp.n_context,
-                          **_opts(bos, renumber, output_patch, stable))
+                          **_opts(bos, renumber, output_patch))
         path = patches.save(out)
     except ContextPatchError as e:
         fail(str(e))
@@ -132,28 +147,28 @@ def extract_cmd(model: str = _MODEL, arch: str = _ARCH, random: bool = _RANDOM, 
         fail(f"could not write {out}: {e}")
     rows = patches.summary()
     if json_out:
-        print_json({"out": os.fspath(path), "arch": inp.arch, "dtype": dtype, "slot": patches.meta["slot"],
+        print_json({"out": os.fspath(path), "arch": inp.arch, "dtype": dtype, "slot": patches.meta.slot,
                     "num_query_tokens": int(patches.valid.sum()), "layers": rows})
         return
-    console.print(f"{inp.arch}: {patches.meta['variant']}")
+    console.print(f"{inp.arch}: {patches.meta.variant}")
     cols = ["layer", "‖ΔW_in‖", "‖ΔW_in‖/‖W_in‖", "output", "‖Δ_out‖", "‖Δ_out‖ rel", "min ‖z‖"]
-    print_table(f"patches ({patches.meta['slot']} slot, max over {int(patches.valid.sum())} query tokens)", cols,
+    print_table(f"patches ({patches.meta.slot} slot, max over {int(patches.valid.sum())} query tokens)", cols,
                 [[r["layer"], r["dW_in"], r["dW_in_rel"] if r["dW_in_rel"] is not None else "-", r["out"],
                   r["d_out"], r["d_out_rel"] if r["d_out_rel"] is not None else "-", r["z_norm_min"]] for r in rows])
     console.print(f"saved to {path}")
 
 
 @app.command("verify")
-def verify_cmd(model: str = _MODEL, arch: str = _ARCH, random: bool = _RANDOM, context: str = _CONTEXT,
-               query: str = _QUERY, context_len: int = _CLEN, query_len: int = _QLEN, dtype: str = _DTYPE,
+def verify_cmd(model: str = _MODEL, arch: Family = _ARCH, random: bool = _RANDOM, context: str = _CONTEXT,
+               query: str = _QUERY, context_len: int = _CLEN, query_len: int = _QLEN, dtype: DType = _DTYPE,
                device: str = _DEVICE, seed: int = _SEED, bos: bool = _BOS, renumber: bool = _RENUM,
-               output_patch: str = _OUTP, stable: bool = _STABLE, json_out: bool = _JSON) -> None:
+               output_patch: OutputPatch = _OUTP, json_out: bool = _JSON) -> None:
     """Max |output| difference: patched context-free vs with-context, and the unpatched control."""
     from ..engine import verify
 
     inp = _load(model, arch, random, context, query, context_len, query_len, dtype, device, seed)
     try:
-        v = verify(inp.model, inp.input_ids, context=inp.n_context, **_opts(bos, renumber, output_patch, stable))
+        v = verify(inp.model, inp.input_ids, context=inp.n_context, **_opts(bos, renumber, output_patch))
     except ContextPatchError as e:
         fail(str(e))
     d = {"max_abs_diff": v.max_abs_diff, "control_max_abs_diff": v.control_max_abs_diff, "dtype": v.dtype,

@@ -10,12 +10,38 @@ import typer
 from rich.progress import Progress
 
 from .._errors import ContextPatchError
-from ._app import app, console, err_console, fail, print_json, print_table
-from ._hf import _ARCH, _CLEN, _CONTEXT, _DEVICE, _DTYPE, _DTYPES, _JSON, _MODEL, _OUTP, _RANDOM, _SEED, _parse_ids
+from ..engine import OutputPatch
+from ._app import (
+    app,
+    console,
+    err_console,
+    fail,
+    model_load_failed,
+    print_json,
+    print_table,
+    quiet_hub_loading,
+)
+from ._hf import (
+    _ARCH,
+    _CLEN,
+    _CONTEXT,
+    _DEVICE,
+    _DTYPE,
+    _DTYPES,
+    _JSON,
+    _MODEL,
+    _OUTP,
+    _RANDOM,
+    _SEED,
+    DType,
+    Family,
+    _parse_ids,
+)
 
 
 def _model(model: str | None, arch: str | None, random: bool, dtype: str, device: str, seed: int):
     """(model, tokenizer or None, family name)."""
+    dtype, arch = getattr(dtype, "value", dtype), getattr(arch, "value", arch)
     if dtype not in _DTYPES:
         fail(f"--dtype must be float32 or float64, got {dtype!r}")
     if random == (model is not None):
@@ -29,11 +55,12 @@ def _model(model: str | None, arch: str | None, random: bool, dtype: str, device
         return tiny_model(arch, dtype=_DTYPES[dtype], seed=seed, device=device), None, arch
     try:
         import transformers as tf
-        m = tf.AutoModelForCausalLM.from_pretrained(model, dtype=_DTYPES[dtype], attn_implementation="eager")
-        m = m.to(device).eval()
-        tok = tf.AutoTokenizer.from_pretrained(model)
+        with quiet_hub_loading():
+            m = tf.AutoModelForCausalLM.from_pretrained(model, dtype=_DTYPES[dtype], attn_implementation="eager")
+            m = m.to(device).eval()
+            tok = tf.AutoTokenizer.from_pretrained(model)
     except (OSError, ValueError, KeyError) as e:
-        fail(f"could not load model {model!r}: {str(e).splitlines()[0]}")
+        model_load_failed(model, e)
     from ..adapters import get_adapter
     try:
         return m, tok, get_adapter(m).name
@@ -53,7 +80,7 @@ def _query_lines(path: str, tok, vocab: int) -> list[list[int]]:
 
 
 @app.command("compress")
-def compress_cmd(model: str = _MODEL, arch: str = _ARCH, random: bool = _RANDOM, context: str = _CONTEXT,
+def compress_cmd(model: str = _MODEL, arch: Family = _ARCH, random: bool = _RANDOM, context: str = _CONTEXT,
                  calibration: int = typer.Option(16, "--calibration", help="Number of calibration queries: random "
                                                  "ones (--random) or the first N lines of --queries."),
                  queries: str = typer.Option(None, "--queries", help="File, one query per line (text with --model, "
@@ -67,7 +94,7 @@ def compress_cmd(model: str = _MODEL, arch: str = _ARCH, random: bool = _RANDOM,
                  rank: int = typer.Option(None, "--rank", help="Keep at most this rank per matrix (default: full)."),
                  out: str = typer.Option(None, "--out", help="Directory to write the adapter (static.safetensors + "
                                          "static.json)."),
-                 dtype: str = _DTYPE, device: str = _DEVICE, seed: int = _SEED, output_patch: str = _OUTP,
+                 dtype: DType = _DTYPE, device: str = _DEVICE, seed: int = _SEED, output_patch: OutputPatch = _OUTP,
                  json_out: bool = _JSON) -> None:
     """Compress a context into a static adapter: one query-independent patch per layer, fitted on calibration
     queries; evaluated on held-out queries against the no-context control."""
@@ -99,17 +126,18 @@ def compress_cmd(model: str = _MODEL, arch: str = _ARCH, random: bool = _RANDOM,
         from ..adapters import get_adapter
         with Progress(console=err_console, transient=True) as bar:
             task = bar.add_task("fitting layers", total=len(get_adapter(m).resolve(m)))
-            static = fit_static(m, ctx_t, cal, ridge=ridge, rank=rank, output_patch=output_patch, seed=seed,
-                                progress=lambda i: bar.update(task, completed=i + 1))
+            static = fit_static(m, ctx_t, cal, ridge=ridge, rank=rank, output_patch=OutputPatch(output_patch).value,
+                                seed=seed, progress=lambda i: bar.update(task, completed=i + 1))
         ev = evaluate_static(m, static, ctx_t, held) if held else {}
         path = static.save(out) if out else None
     except ContextPatchError as e:
         fail(str(e))
     except OSError as e:
         fail(f"could not write {out}: {e}")
-    info = {"arch": family, "dtype": dtype, "slot": static.slot, "seed": seed, "ridge": ridge, "rank": rank,
+    info = {"arch": family, "dtype": getattr(dtype, "value", dtype), "slot": static.slot, "seed": seed, "ridge": ridge,
+            "rank": rank,
             "context_length": len(ctx), "calibration_queries": len(cal), "calibration_tokens":
-            static.meta["num_calibration_tokens"], "held_out_queries": len(held), "nbytes": static.nbytes(),
+            static.meta.options["num_calibration_tokens"], "held_out_queries": len(held), "nbytes": static.nbytes(),
             "out": os.fspath(path) if path else None}
     if json_out:
         print_json({**ev, **info, "layers": static.summary()})

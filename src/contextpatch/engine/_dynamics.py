@@ -1,4 +1,4 @@
-"""Implicit dynamics of a real model over the prefixes of its context (paper §2.5 scheme (a), per layer).
+"""Implicit dynamics of a real model over the prefixes of its context (docs/theory.md §2.1 scheme (a), §2.3).
 
 For layer ℓ and prefix c_1..c_i, ΔW_i is the layer's rank-1 patch on its first MLP input matrix (the paper's
 W: GPT-2 ``c_fc``, Llama ``gate_proj``, …) that makes the context-free query behave as with the prefix.
@@ -22,8 +22,10 @@ import torch
 from torch import Tensor, nn
 
 from .._errors import ContextPatchError
-from ._container import ContextPatches
-from ._shared import extract_prefixes
+from .._patches import LowRankPatch
+from ._context_patches import ContextPatches
+from ._records import LayerPatch
+from ._shared_context import extract_prefixes
 
 __all__ = ["PrefixDynamics", "prefix_dynamics", "dynamics_from_patches"]
 
@@ -64,12 +66,12 @@ class PrefixDynamics:
         }
 
 
-def _first_matrix(layer: dict[str, Tensor]) -> str:
-    keys = [k for k in layer if k.startswith("in.U.")]
-    if keys:
-        return keys[0]
-    if "router.U" in layer:
-        return "router.U"
+def _first_matrix(layer: LayerPatch) -> tuple[str, LowRankPatch]:
+    """The paper's W: the first matrix reading the MLP input (the router for MoE)."""
+    if layer.inputs:
+        return next(iter(layer.inputs.items()))
+    if layer.router is not None:
+        return "router", layer.router
     raise ContextPatchError("these patches have no input-side matrix patch")
 
 
@@ -86,12 +88,12 @@ def _vector_norms(D: Tensor) -> tuple[Tensor, Tensor]:
     return D.norm(dim=-1), (D[1:] - D[:-1]).norm(dim=-1)
 
 
-def _output_norms(layer: dict[str, Tensor]) -> tuple[Tensor, Tensor] | None:
-    if "out.U" in layer:
-        return _rank1_norms(layer["out.U"], layer["out.V"])
-    for key in ("out.bias", "out.scale"):
-        if key in layer:
-            return _vector_norms(layer[key])
+def _output_norms(layer: LayerPatch) -> tuple[Tensor, Tensor] | None:
+    if layer.out_weight is not None:
+        return _rank1_norms(layer.out_weight.U[..., 0], layer.out_weight.V[..., 0])
+    for t in (layer.out_bias, layer.out_scale):
+        if t is not None:
+            return _vector_norms(t)
     return None  # MoE: one output patch per active expert
 
 
@@ -103,18 +105,19 @@ def dynamics_from_patches(patches: ContextPatches) -> PrefixDynamics:
     """
     pn, sn, names, opn, osn = [], [], [], [], []
     for layer in patches.layers:
-        key = _first_matrix(layer)
-        p, s = _rank1_norms(layer[key], layer["in.V"])                    # (n, T), (n−1, T)
+        name, W = _first_matrix(layer)
+        p, s = _rank1_norms(W.U[..., 0], W.V[..., 0])                     # (n, T), (n−1, T)
         pn.append(p)
         sn.append(s)
-        names.append(key[5:] if key.startswith("in.U.") else "router")
+        names.append(name)
         o = _output_norms(layer)
         if o is not None:
             opn.append(o[0])
             osn.append(o[1])
-    meta = dict(patches.meta)
+    meta = patches.meta.to_dict()
     weight_norms = [w.get("in") for w in meta.pop("weight_norms", [])]
-    lengths = meta.get("shared_context", {}).get("prefix_lengths", list(range(1, patches.batch_shape[0] + 1)))
+    shared = patches.meta.options.get("shared_context") or {}
+    lengths = shared.get("prefix_lengths", list(range(1, patches.batch_shape[0] + 1)))
     full = len(opn) == len(pn)
     return PrefixDynamics(list(lengths), names, torch.stack(pn).cpu(), torch.stack(sn).cpu(), weight_norms, meta,
                           torch.stack(opn).cpu() if full else None, torch.stack(osn).cpu() if full else None)

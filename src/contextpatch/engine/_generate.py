@@ -18,10 +18,12 @@ import torch
 from torch import Tensor, nn
 
 from .._errors import ContextPatchError
-from ..adapters import get_adapter
-from ._capture import capture_targets
+from ._extract import prepare_inputs
 from ._layout import ContextSpec, make_layout
-from ._patched import patched_pass
+from ._model import check_positions
+from ._records import LayerPatch, OutputPatch
+from ._step1_capture import capture_targets
+from ._step2_patched import patched_pass
 
 __all__ = ["GenerationResult", "generate"]
 
@@ -34,7 +36,7 @@ class GenerationResult:
     tokens: Tensor
     reference_tokens: Tensor
     max_abs_diff: list[float]
-    step_patches: list[list[dict[str, Tensor]]] = field(default_factory=list)
+    step_patches: list[list[LayerPatch]] = field(default_factory=list)
 
     @property
     def agree(self) -> bool:
@@ -43,30 +45,28 @@ class GenerationResult:
 
 def generate(model: nn.Module, input_ids: Tensor, context: ContextSpec = None, *, query: ContextSpec = None,
              max_new_tokens: int = 20, bos_is_context: bool = True, renumber_positions: bool = False,
-             output_patch: str = "auto", stable: bool = False, tol: float | None = None,
+             output_patch: str | OutputPatch = "auto", tol: float | None = None,
              keep_patches: bool = False) -> GenerationResult:
     """Greedy decoding from the kept (query) tokens only, each new token patched on the fly.
 
     Rows must be unpadded and have the same number of kept tokens (e.g. ``context`` = a count).
     """
-    adapter = get_adapter(model)
+    adapter, input_ids = prepare_inputs(model, input_ids, None)
     if not adapter.causal:
         raise ContextPatchError(f"{adapter.name} is not a causal language model: nothing to generate")
     if max_new_tokens < 1:
         raise ContextPatchError(f"max_new_tokens must be ≥ 1, got {max_new_tokens}")
-    if input_ids.dim() == 1:
-        input_ids = input_ids.unsqueeze(0)
-    dev = next(model.parameters()).device
-    input_ids = input_ids.to(dev)
+    dev = input_ids.device
     layout = make_layout(input_ids, context, query=query, bos_is_context=bos_is_context,
                          renumber_positions=renumber_positions)
+    check_positions(model, int(layout.full_position_ids.max()) + max_new_tokens)
     if not bool(layout.valid.all()):
         raise ContextPatchError("generation needs the same number of kept tokens in every row")
     B = input_ids.shape[0]
     cap = capture_targets(model, input_ids, layout.index, adapter=adapter, position_ids=layout.full_position_ids,
                           use_cache=True)
     res = patched_pass(model, layout.query_ids, cap.targets, adapter=adapter, position_ids=layout.position_ids,
-                       use_cache=True, output_patch=output_patch, stable=stable, tol=tol)
+                       use_cache=True, output_patch=output_patch, tol=tol)
     pos_full = layout.full_position_ids[:, -1:]
     pos_q = layout.position_ids[:, -1:]
     zero = torch.zeros(B, 1, dtype=torch.long, device=dev)
@@ -86,5 +86,5 @@ def generate(model: nn.Module, input_ids: Tensor, context: ContextSpec = None, *
                               past_key_values=cap.past_key_values, use_cache=True)
         res = patched_pass(model, nxt, cap.targets, adapter=adapter, position_ids=pos_q,
                            past_key_values=res.past_key_values, use_cache=True, output_patch=output_patch,
-                           stable=stable, tol=tol)
+                           tol=tol)
     return GenerationResult(torch.cat(toks, 1), torch.cat(refs, 1), diffs, steps)

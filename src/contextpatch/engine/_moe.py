@@ -9,6 +9,8 @@ With z the context-free MoE input and z_C the target:
 
 The experts' fused 3-D weights have no Linear module to hook, so while a session is active the experts
 module's forward is replaced by the loop below (same per-expert order as HF), with rank-1 side paths.
+Factors live in the block's :class:`LayerPatch` (``router``, ``experts_in``, ``experts_out``; leading dims
+(B, T_q), flattened here to the experts' token axis).
 """
 
 from __future__ import annotations
@@ -19,18 +21,15 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
+from .._patches import LowRankPatch
+from ._records import LayerPatch
+
 __all__ = ["router_hook", "override_experts", "finalize"]
 
-_DOWN = ("experts.down.U", "experts.down.V")
 
-
-_TRAILING = {"router.U": 1, "in.V": 1, "experts.gate_up.U": 2, _DOWN[0]: 2, _DOWN[1]: 2}
-
-
-def _flat(t: Tensor, key: str) -> Tensor:
+def _flat(t: Tensor, trailing: int) -> Tensor:
     """(B, T, ...) or already flat (B·T, ...) -> (B·T, ...) for the experts' flattened token axis."""
-    k = _TRAILING[key]
-    return t.reshape((-1,) + t.shape[t.dim() - k:])
+    return t.reshape((-1,) + t.shape[t.dim() - trailing:])
 
 
 def router_hook(sess, b):
@@ -39,8 +38,9 @@ def router_hook(sess, b):
     def hook(mod, args, out):
         z = args[0]
         logits = out[0]
-        U = _flat(sess.get(i, "router.U", z), "router.U")
-        V = _flat(sess.get(i, "in.V", z), "in.V")
+        p = sess.layers[i].router
+        U = _flat(p.U[..., 0], 1).to(z.device, sess.cd)
+        V = _flat(p.V[..., 0], 1).to(z.device, sess.cd)
         new = (logits.to(sess.cd) + U * (V * z.to(sess.cd)).sum(-1, keepdim=True)).to(logits.dtype)
         probs = torch.softmax(new.float(), dim=-1)
         top, idx = torch.topk(probs, mod.top_k, dim=-1)
@@ -57,17 +57,19 @@ def override_experts(sess, b):
     def forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
         n, d = hidden_states.shape
         x = hidden_states.to(cd)
-        V = _flat(sess.get(i, "in.V", x), "in.V")
-        Ugu = _flat(sess.get(i, "experts.gate_up.U", x), "experts.gate_up.U")
+        lp: LayerPatch = sess.layers[i]
+        V = _flat(lp.router.V[..., 0], 1).to(x.device, cd)                        # z/‖z‖² per token: (n, d)
+        Ugu = _flat(lp.experts_in.U[..., 0], 2).to(x.device, cd)                  # (n, E, 2I)
         coeff = (V * x).sum(-1, keepdim=True)                                   # Vᵀz per token: (n, 1)
-        P = sess.layers[i]
         if sess.extracting:
             E, I = self.down_proj.shape[0], self.down_proj.shape[2]
-            P[_DOWN[0]] = torch.zeros(n, E, d, dtype=cd, device=x.device)
-            P[_DOWN[1]] = torch.zeros(n, E, I, dtype=cd, device=x.device)
+            Ud = torch.zeros(n, E, d, dtype=cd, device=x.device)
+            Vd = torch.zeros(n, E, I, dtype=cd, device=x.device)
             delta = sess.delta[i].reshape(n, d)
             S = top_k_weights.to(cd).sum(-1, keepdim=True)
-        Ud, Vd = (_flat(P[k], k).to(x.device, cd) for k in _DOWN)
+        else:
+            Ud = _flat(lp.experts_out.U[..., 0], 2).to(x.device, cd)
+            Vd = _flat(lp.experts_out.V[..., 0], 2).to(x.device, cd)
         out = torch.zeros_like(x)
         for e in torch.unique(top_k_index).tolist():
             if e >= self.gate_up_proj.shape[0]:
@@ -83,7 +85,7 @@ def override_experts(sess, b):
             y = F.linear(g, self.down_proj[e].to(cd)) + Ud[tok, e] * (Vd[tok, e] * g).sum(-1, keepdim=True)
             out.index_add_(0, tok, y * top_k_weights[tok, pos, None].to(cd))
         if sess.extracting:
-            P[_DOWN[0]], P[_DOWN[1]] = Ud, Vd
+            lp.experts_out = LowRankPatch(Ud.unsqueeze(-1), Vd.unsqueeze(-1))
         return out.to(hidden_states.dtype)
 
     experts.forward = types.MethodType(forward, experts)
@@ -96,10 +98,10 @@ def override_experts(sess, b):
     return restore
 
 
-def finalize(P: dict[str, Tensor], shape) -> dict[str, Tensor]:
-    """Reshape the flat (B·T, E, ·) expert down factors back to (B, T, E, ·)."""
-    out = dict(P)
-    for k in _DOWN:
-        if k in out and out[k].dim() == 3:
-            out[k] = out[k].reshape(tuple(shape) + out[k].shape[1:])
-    return out
+def finalize(lp: LayerPatch, shape) -> LayerPatch:
+    """Reshape the flat (B·T, E, ·, 1) expert down factors back to (B, T, E, ·, 1)."""
+    p = lp.experts_out
+    if p is not None and p.U.dim() == 4:
+        lp.experts_out = LowRankPatch(p.U.reshape(tuple(shape) + p.U.shape[1:]),
+                                      p.V.reshape(tuple(shape) + p.V.shape[1:]))
+    return lp

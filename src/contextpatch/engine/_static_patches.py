@@ -1,91 +1,85 @@
 """``StaticPatches``: a query-independent adapter for one fixed context (fitted by :func:`fit_static`).
 
-Per layer, named factors with NO token dimensions (nn.Linear orientation, ΔW = U Vᵀ: (d_out, d_in)):
-
-    "in.<path>.U", "in.<path>.V"   (d_out, r), (d_in, r)   every matrix W_m reading the MLP input z
-    "out.bias"                     (d,)                    bias slot:   b ← b + Δb
-    "out.U", "out.V"               (d, r), (d_g, r)        weight slot: W_out ← W_out + U Vᵀ
-    "out.scale"                    (d,)                    scale slot (Gemma-2/3 post-FF norm): out ← out + Δs ⊙ u
+One :class:`~contextpatch.engine.LayerPatch` per block with NO token dimensions (nn.Linear orientation,
+ΔW = U Vᵀ: U (d_out, r), V (d_in, r)): ``inputs`` for every matrix reading the MLP input z, and the output slot
+(``out_bias`` (d,), ``out_weight`` (d, r)/(d_g, r), or ``out_scale`` (d,) for Gemma-2/3's post-FF norm).
 
 ``applied(model)`` adds them to EVERY token of ANY input as side paths ``y ← y + (x V) Uᵀ`` (+ Δb, + Δs ⊙ u),
-computed in the compute dtype (≥ float32) and never materialising W + ΔW; the weights are untouched. GPT-2's
-Conv1D weight is (d_in, d_out), the side path is orientation-free. Files: ``static.safetensors`` +
-``static.json`` (SHA-256 of the tensor file, config hash and weight fingerprint of the model), written
-atomically; a wrong model or a damaged file raises :class:`PatchFileError`.
+computed in the compute dtype (≥ float32) and never materialising W + ΔW; the weights are untouched. Files:
+``static.safetensors`` + ``static.json`` (the format of ``_files.py``); a wrong model or a damaged or edited file
+raises :class:`PatchFileError`.
 """
 
 from __future__ import annotations
 
 import os
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from .._errors import PatchFileError
 from .._patches import LowRankPatch, ScalePatch, VectorPatch
 from ..adapters import get_adapter
-from ._common import compute_dtype
-from ._files import check_same_model, load_patch_dir, save_patch_dir
-from ._patched import _eps, _rms_unit
+from ._files import load_patch_dir, save_patch_dir
+from ._identity import check_same_model
+from ._model import compute_dtype, norm_eps, rms_unit
+from ._records import LayerPatch, PatchMeta, side_path
 
 __all__ = ["StaticPatches", "static_hooks"]
 
-FORMAT, FORMAT_VERSION = "contextpatch-static", 1
-_NAME = "static"
+FORMAT, _NAME = "contextpatch-static", "static"
 
 
-def static_hooks(model: nn.Module, layers: list[dict[str, Tensor]], slot: str) -> list:
-    """Forward hooks adding the static factors of ``layers`` to every token; returns the handles.
+def static_hooks(model: nn.Module, layers: list[LayerPatch], slot: str) -> list:
+    """Forward hooks adding the static patches of ``layers`` to every token; returns the handles.
 
-    Factors are looked up at call time, so a dict filled during a forward pass (the fit) is applied from then on.
+    Patches are looked up at call time, so a record filled during a forward pass (the fit) applies from then on.
     """
     cd = compute_dtype(next(model.parameters()).dtype)
     handles = []
 
-    def get(P: dict, key: str, like: Tensor) -> Tensor | None:
-        t = P.get(key)
-        return None if t is None else t.to(device=like.device, dtype=cd)
-
-    def lowrank(P: dict, prefix: str):
+    def lowrank(lp: LayerPatch, name: str | None):
         def hook(mod, args, out):
-            U, V = get(P, prefix + "U", out), get(P, prefix + "V", out)
-            return out if U is None else out + ((args[0].to(cd) @ V) @ U.T).to(out.dtype)
+            p = lp.inputs.get(name) if name is not None else lp.out_weight
+            return out if p is None else out + side_path(p, args[0], cd).to(out.dtype)
         return hook
 
-    def bias(P: dict):
+    def bias(lp: LayerPatch):
         def hook(mod, args, out):
-            b = get(P, "out.bias", out)
-            return out if b is None else out + b.to(out.dtype)
+            return out if lp.out_bias is None else out + lp.out_bias.to(device=out.device, dtype=out.dtype)
         return hook
 
-    def scale(P: dict, eps: float):
+    def scale(lp: LayerPatch, eps: float):
         def hook(mod, args, out):
-            s = get(P, "out.scale", out)
-            return out if s is None else out + (s * _rms_unit(args[0].to(cd), eps)).to(out.dtype)
+            if lp.out_scale is None:
+                return out
+            u = rms_unit(args[0].to(cd), eps)
+            return out + (lp.out_scale.to(device=u.device, dtype=cd) * u).to(out.dtype)
         return hook
 
-    for b, P in zip(get_adapter(model).resolve(model), layers, strict=True):
+    for b, lp in zip(get_adapter(model).resolve(model), layers, strict=True):
         for name, mod in b.inputs.items():
-            handles.append(mod.register_forward_hook(lowrank(P, f"in.{name}.")))
+            handles.append(mod.register_forward_hook(lowrank(lp, name)))
         if slot == "bias":
-            handles.append(b.output.register_forward_hook(bias(P)))
+            handles.append(b.output.register_forward_hook(bias(lp)))
         elif slot == "weight":
-            handles.append(b.output.register_forward_hook(lowrank(P, "out.")))
+            handles.append(b.output.register_forward_hook(lowrank(lp, None)))
         elif slot == "scale":
-            handles.append(b.scale_norm.register_forward_hook(scale(P, _eps(b.scale_norm))))
+            handles.append(b.scale_norm.register_forward_hook(scale(lp, norm_eps(b.scale_norm))))
     return handles
 
 
 @dataclass
 class StaticPatches:
-    """Query-independent patches of one context: ``layers[ℓ]`` named factors (module docstring) and ``meta``
-    (family, slot, config hash, weight fingerprint, dtype, context ids, calibration size, ridge, rank, seed, …)."""
+    """Query-independent patches of one context: one :class:`LayerPatch` per block (module docstring) and a
+    :class:`PatchMeta` whose ``options`` hold the context ids, calibration size, ridge, rank and seed."""
 
-    layers: list[dict[str, Tensor]]
-    meta: dict[str, Any] = field(default_factory=dict)
+    layers: list[LayerPatch]
+    meta: PatchMeta
 
     @property
     def num_layers(self) -> int:
@@ -93,44 +87,34 @@ class StaticPatches:
 
     @property
     def slot(self) -> str:
-        return self.meta["slot"]
+        return self.meta.slot
 
     @property
     def context_ids(self) -> Tensor:
-        return torch.tensor(self.meta["context_ids"], dtype=torch.long)
+        return torch.tensor(self.meta.options["context_ids"], dtype=torch.long)
 
     def to(self, device) -> StaticPatches:
-        return StaticPatches([{k: v.to(device) for k, v in P.items()} for P in self.layers], dict(self.meta))
+        return StaticPatches([lp.map(lambda t: t.to(device)) for lp in self.layers], self.meta)
 
     def nbytes(self) -> int:
         """Bytes held by all factors and vectors."""
-        return sum(v.numel() * v.element_size() for P in self.layers for v in P.values())
+        return sum(lp.nbytes() for lp in self.layers)
 
     # --- typed views / summary ------------------------------------------------------------
     def layer_patches(self, layer: int) -> dict[str, LowRankPatch | VectorPatch | ScalePatch]:
         """Layer ``layer`` as typed patches keyed by module path (matrices in nn.Linear orientation)."""
-        P, out = self.layers[layer], {}
-        for k in P:
-            if k.startswith("in.") and k.endswith(".U"):
-                out[k[3:-2]] = LowRankPatch(P[k], P[k[:-1] + "V"])
-        if "out.U" in P:
-            out[self.meta["output_module"]] = LowRankPatch(P["out.U"], P["out.V"])
-        if "out.bias" in P:
-            out[self.meta["output_module"] + ".bias"] = VectorPatch(P["out.bias"])
-        if "out.scale" in P:
-            out[self.meta["scale_module"] + ".weight"] = ScalePatch(P["out.scale"])
-        return out
+        return self.layers[layer].by_module(self.meta.output_module, self.meta.scale_module)
 
     def summary(self) -> list[dict[str, Any]]:
         """Per layer: ‖ΔW_in‖_F (all input matrices), its size relative to ‖W_in‖, the largest input rank, the
         output slot, ‖Δb‖ / ‖ΔW_out‖_F / ‖Δs‖ (relative to ‖W_out‖ or ‖s‖ where known) and the output rank."""
         rows = []
-        norms = self.meta.get("weight_norms") or [{}] * self.num_layers
+        norms = self.meta.weight_norms or [{}] * self.num_layers
         for i in range(self.num_layers):
             typed = self.layer_patches(i)
-            ins = [p for k, p in typed.items() if k in self.meta["input_modules"]]
+            ins = [p for k, p in typed.items() if k in self.meta.input_modules]
             d_in = float(sum(float(p.norm()) ** 2 for p in ins) ** 0.5)
-            out = next(p for k, p in typed.items() if k not in self.meta["input_modules"])
+            out = next(p for k, p in typed.items() if k not in self.meta.input_modules)
             d_out = float(out.norm())
             ref_out = norms[i].get("scale" if self.slot == "scale" else "out")
             rows.append({"layer": i, "dW_in": d_in, "dW_in_rel": d_in / norms[i]["in"] if norms[i].get("in") else None,
@@ -142,7 +126,10 @@ class StaticPatches:
     # --- apply ---------------------------------------------------------------------------
     def check_model(self, model: nn.Module) -> None:
         """Raise :class:`PatchFileError` unless ``model`` is the model these patches were fitted on."""
-        check_same_model(self.meta, model, self.num_layers, "the patches of this static adapter")
+        check_same_model(self.meta.config_hash, self.meta.weight_fingerprint, model, model_name=self.meta.model_name,
+                         what="the patches of this static adapter")
+        if len(get_adapter(model).resolve(model)) != self.num_layers:
+            raise PatchFileError(f"this static adapter covers {self.num_layers} layers, the model has another count")
 
     @contextmanager
     def applied(self, model: nn.Module):
@@ -159,11 +146,15 @@ class StaticPatches:
     # --- save / load ---------------------------------------------------------------------
     def save(self, directory: str | os.PathLike) -> Path:
         """Write ``static.safetensors`` + ``static.json`` into ``directory`` (atomic); returns the directory."""
-        return save_patch_dir(directory, _NAME, FORMAT, FORMAT_VERSION, self.layers, self.meta)
+        return save_patch_dir(directory, _NAME, FORMAT, self.layers, self.meta)
 
     @classmethod
     def load(cls, directory: str | os.PathLike, device=None) -> StaticPatches:
         """Read an adapter written by :meth:`save`; :class:`PatchFileError` on any missing or damaged file."""
-        layers, _, meta = load_patch_dir(directory, _NAME, FORMAT, FORMAT_VERSION, what="static adapter",
-                                         device=device)
+        layers, extra, meta = load_patch_dir(directory, _NAME, FORMAT, what="static adapter", device=device)
+        if meta.kind != "static" or extra:
+            raise PatchFileError(f"{directory}: not a static adapter (kind {meta.kind!r})")
+        for i, lp in enumerate(layers):
+            if any(t.dim() > 2 for t in lp.tensors().values()):
+                raise PatchFileError(f"{directory}: layer {i} has per-token factors, not a static adapter's")
         return cls(layers, meta)

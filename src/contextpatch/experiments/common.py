@@ -11,7 +11,7 @@ from torch import Tensor
 from .data import Prompts, sample_prompts
 from .models import ICLModel
 
-__all__ = ["ExperimentResult", "test_prompts", "prefix_outputs", "context_free_outputs", "mean_se"]
+__all__ = ["ExperimentResult", "test_prompts", "model_prefix_outputs", "context_free_outputs", "mean_se"]
 
 
 @dataclass
@@ -31,10 +31,10 @@ def test_prompts(model: ICLModel, n: int, seed: int, dtype: torch.dtype = torch.
 
 
 @torch.no_grad()
-def prefix_outputs(model: ICLModel, tokens: Tensor) -> Tensor:
+def model_prefix_outputs(model: ICLModel, tokens: Tensor) -> Tensor:
     """A(c_1..c_i, x) for i = 0..N at the query, for a one-block model: (B, N+1, d_model); row 0 = A(x)."""
     if len(model.blocks) != 1:
-        raise ValueError("prefix_outputs is defined here for one-block models (single, rnn)")
+        raise ValueError("model_prefix_outputs is defined here for one-block models (single, rnn)")
     layer = model.blocks[0].layer
     h = model.embed(tokens)
     rows = [layer(torch.cat([h[:, :i], h[:, -1:]], 1))[:, -1] for i in range(tokens.shape[1])]

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from ..theory import gd_dynamics
-from .common import ExperimentResult, mean_se, prefix_outputs, test_prompts
+from .common import ExperimentResult, mean_se, model_prefix_outputs, test_prompts
 from .config import ExperimentConfig
 from .figures import plot_convergence
 from .models import Checkpoint
@@ -25,7 +25,7 @@ __all__ = ["run_convergence", "step_norm_curve"]
 def step_norm_curve(model, n: int, seed: int) -> torch.Tensor:
     """(n, N) step norms ‖ΔW_{i+1} − ΔW_i‖_F for i = 0..N−1."""
     p = test_prompts(model, n, seed)
-    return gd_dynamics(model.blocks[0].mlp.W, prefix_outputs(model, p.tokens)).step_norms
+    return gd_dynamics(model.blocks[0].mlp.W, model_prefix_outputs(model, p.tokens)).step_norms
 
 
 def _summary(s: torch.Tensor) -> dict:

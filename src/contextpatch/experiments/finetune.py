@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from ..theory import gd_dynamics, normalized_inner
-from .common import ExperimentResult, context_free_outputs, mean_se, prefix_outputs, test_prompts
+from .common import ExperimentResult, context_free_outputs, mean_se, model_prefix_outputs, test_prompts
 from .config import ExperimentConfig
 from .data import query_tokens
 from .figures import plot_finetune
@@ -85,7 +85,7 @@ def run_finetune(ckpts: dict[str, Checkpoint], exp: ExperimentConfig, out: Path)
     steps, gd_err = explicit_sgd(model, p, lr)
     W = model.blocks[0].mlp.W.detach()
     with torch.no_grad():
-        P = prefix_outputs(model, p.tokens)                            # (B, N+1, d_model)
+        P = model_prefix_outputs(model, p.tokens)                            # (B, N+1, d_model)
         dyn = gd_dynamics(W, P)
         N = P.shape[1] - 1
         align = torch.stack([normalized_inner(dyn.step(i), steps[:, i]) for i in range(N)], 1)   # (B, N)

@@ -102,7 +102,7 @@ def _report(results: list[ExperimentResult], metrics: dict[str, Any], preset: st
     figs = [f for r in results for f in r.figures]
     head = headline(metrics)
     hl = "\n".join(f"| {k} | {v if isinstance(v, str) else (fmt(v) if isinstance(v, float) else v)} |"
-                   for k, v in _flatten(head).items())
+                   for k, v in flatten_metrics(head).items())
     return f"""# Reproduction of Dherin et al. (2025), in-context linear regression
 
 Preset `{preset}`. Task: w, x_i ~ N(0, I_d), y_i = ⟨w, x_i⟩, d = {task['d']}, N = {task['n_context']} context
@@ -184,12 +184,12 @@ def _differences(m: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
-def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+def flatten_metrics(d: dict, prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
         if isinstance(v, dict) and not key.endswith("by_K"):
-            out.update(_flatten(v, key + "."))
+            out.update(flatten_metrics(v, key + "."))
         elif isinstance(v, dict):
             out[key] = ", ".join(f"K={kk}: {fmt(vv)}" for kk, vv in v.items())
         else:

@@ -31,7 +31,7 @@ from .figures import plot_thought_patch
 from .models import Checkpoint, ICLModel
 from .report import fmt
 
-__all__ = ["run_thought_patch", "fit_static", "converged_K"]
+__all__ = ["run_thought_patch", "fit_thought_patch", "converged_K"]
 
 
 @torch.no_grad()
@@ -49,7 +49,7 @@ def _with_context_states(model: ICLModel, context, queries):
 
 
 @torch.no_grad()
-def fit_static(model: ICLModel, ctx_states, queries, K: int, ridge_rel: float, residual: str = "affine"):
+def fit_thought_patch(model: ICLModel, ctx_states, queries, K: int, ridge_rel: float, residual: str = "affine"):
     """Fit the per-block static patches on queries[:K]; return (patches, residual patches, outputs for all queries).
 
     ``residual`` (Pre-LN blocks only): how the residual difference δ = a_C − a is absorbed without the context:
@@ -109,7 +109,7 @@ def _run_model(model: ICLModel, exp: ExperimentConfig) -> dict:
         base["mse_with_context"].append(float(((out_c[te, -1] - ys[te]) ** 2).mean()))
         base["mse_context_free"].append(float(((out_free[te, -1] - ys[te]) ** 2).mean()))
         for K in Ks:
-            _, _, out_s = fit_static(model, states, queries, K, exp.tp_ridge_rel)
+            _, _, out_s = fit_thought_patch(model, states, queries, K, exp.tp_ridge_rel)
             d = (out_s - out_c).abs().mean(-1)
             r = res[K]
             r["train_diff"].append(float(d[:K].mean()))
@@ -117,7 +117,7 @@ def _run_model(model: ICLModel, exp: ExperimentConfig) -> dict:
             r["test_mse"].append(float(((out_s[te, -1] - ys[te]) ** 2).mean()))
             r["train_mse"].append(float(((out_s[:K, -1] - ys[:K]) ** 2).mean()))
             if states[0][0] is not None:   # Pre-LN: also the constant-residual variant, for comparison
-                _, _, out_k = fit_static(model, states, queries, K, exp.tp_ridge_rel, residual="constant")
+                _, _, out_k = fit_thought_patch(model, states, queries, K, exp.tp_ridge_rel, residual="constant")
                 r["test_mse_constant_residual"].append(float(((out_k[te, -1] - ys[te]) ** 2).mean()))
     agg = {k: {m: sum(v) / len(v) for m, v in r.items() if v} for k, r in res.items()}
     out = {

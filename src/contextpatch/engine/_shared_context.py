@@ -11,6 +11,7 @@ usual :func:`~contextpatch.engine.patched_pass` over a batch of rows.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 
 import torch
@@ -19,13 +20,15 @@ from torch import Tensor, nn
 from .._errors import ContextPatchError
 from .._packing import Packed, additive_mask, pack_rows
 from ..adapters import FamilyAdapter, get_adapter
-from ._capture import Targets, capture_targets
-from ._common import check_model
-from ._container import ContextPatches
+from ._context_patches import ContextPatches
 from ._extract import build_meta, extract
-from ._patched import patched_pass
+from ._model import check_inputs, require_hf_model
+from ._records import LayerPatch, OutputPatch
+from ._step1_capture import Targets, capture_targets
+from ._step2_patched import patched_pass
 
-__all__ = ["extract_many", "extract_prefixes", "extract_prefixes_naive", "packed_attention_mask", "packed_targets"]
+__all__ = ["extract_many", "extract_prefixes", "extract_prefixes_naive", "packed_attention_mask", "packed_targets",
+           "check_context"]
 
 
 def packed_attention_mask(model: nn.Module, packed: Packed) -> Tensor | dict[str, Tensor]:
@@ -52,14 +55,16 @@ def packed_attention_mask(model: nn.Module, packed: Packed) -> Tensor | dict[str
     return full
 
 
-def _check(model: nn.Module, adapter: FamilyAdapter, context_ids: Tensor) -> Tensor:
-    check_model(model)
+def check_context(model: nn.Module, adapter: FamilyAdapter, context_ids: Tensor) -> Tensor:
+    """The shared context as a non-empty 1-D id tensor of a causal model (one clear error otherwise)."""
+    require_hf_model(model)
     if not adapter.causal:
         raise ContextPatchError(f"shared context passes need a causal model; {adapter.name} is bidirectional "
                                 "(every token sees every other): use extract() per query instead")
     ids = torch.as_tensor(context_ids).reshape(-1) if not isinstance(context_ids, Tensor) else context_ids
     if ids.dim() != 1 or ids.numel() == 0:
         raise ContextPatchError(f"context_ids must be a non-empty 1-D tensor of token ids, got {tuple(ids.shape)}")
+    check_inputs(model, ids[None])
     return ids
 
 
@@ -102,7 +107,7 @@ def packed_targets(model: nn.Module, adapter: FamilyAdapter, context_ids: Tensor
 
 
 def _run_packed(model, adapter, context_ids: Tensor, queries: Sequence[Tensor], prefix_lengths: list[int], *,
-                query_positions: str, output_patch: str, stable: bool, tol: float | None,
+                query_positions: str, output_patch: str | OutputPatch, tol: float | None,
                 chunk_size: int | None, progress: Callable[[int], None] | None = None) -> ContextPatches:
     dev = next(model.parameters()).device
     targets, position_ids, valid = packed_targets(model, adapter, context_ids, queries, prefix_lengths,
@@ -111,22 +116,22 @@ def _run_packed(model, adapter, context_ids: Tensor, queries: Sequence[Tensor], 
     R, T = valid.shape
     # shorter queries are right-padded by repeating their last token (masked out, and causal: never seen)
     query_ids = torch.stack([q.to(dev)[torch.arange(T, device=dev).clamp_max(q.shape[-1] - 1)] for q in queries])
-    mask = None if bool(valid.all()) else valid.long()
+    # causal rows: the right padding is never seen by a real token, so no padding mask (docs/engine.md)
     res = patched_pass(model, query_ids, targets, adapter=adapter, valid=valid, position_ids=position_ids,
-                       attention_mask=mask, output_patch=output_patch, stable=stable, tol=tol)
+                       output_patch=output_patch, tol=tol)
     n = int(context_ids.numel())
     index = position_ids.new_tensor(range(n, n + T)).expand(R, T)
     context_mask = torch.zeros(R, n + T, dtype=torch.bool, device=dev)
     for row, p in enumerate(prefix_lengths):
         context_mask[row, :p] = True
-    meta = build_meta(model, adapter, res.slot, bos_is_context=True, renumber_positions=False, stable=stable)
-    meta["shared_context"] = {"context_length": n, "prefix_lengths": list(prefix_lengths),
-                              "query_positions": query_positions}
+    meta = build_meta(model, adapter, res.slot, kind="token", bos_is_context=True, renumber_positions=False,
+                      shared_context={"context_length": n, "prefix_lengths": list(prefix_lengths),
+                                      "query_positions": query_positions})
     return ContextPatches(res.layers, query_ids, position_ids, valid, index, context_mask, meta)
 
 
 def extract_many(model: nn.Module, context_ids: Tensor, queries: Sequence[Tensor] | Tensor, *,
-                 output_patch: str = "auto", stable: bool = False, tol: float | None = None,
+                 output_patch: str | OutputPatch = "auto", tol: float | None = None,
                  chunk_size: int | None = None) -> ContextPatches:
     """Patches for Q queries against ONE context, sharing a single context pass.
 
@@ -142,18 +147,18 @@ def extract_many(model: nn.Module, context_ids: Tensor, queries: Sequence[Tensor
         :class:`ContextPatches` with batch (Q, T), T the longest query.
     """
     adapter = get_adapter(model)
-    ctx = _check(model, adapter, context_ids)
+    ctx = check_context(model, adapter, context_ids)
     qs = list(queries.unbind(0)) if isinstance(queries, Tensor) and queries.dim() == 2 else list(queries)
     if not qs:
         raise ContextPatchError("no queries given")
     n = int(ctx.numel())
     return _run_packed(model, adapter, ctx, qs, [n] * len(qs), query_positions="original",
-                       output_patch=output_patch, stable=stable, tol=tol, chunk_size=chunk_size)
+                       output_patch=output_patch, tol=tol, chunk_size=chunk_size)
 
 
 def extract_prefixes(model: nn.Module, context_ids: Tensor, query_ids: Tensor, *,
                      prefix_lengths: Sequence[int] | None = None, query_positions: str = "prefix",
-                     output_patch: str = "auto", stable: bool = False, tol: float | None = None,
+                     output_patch: str | OutputPatch = "auto", tol: float | None = None,
                      chunk_size: int | None = None, progress: Callable[[int], None] | None = None) -> ContextPatches:
     """Patches of the query for every context prefix c_1..c_i, i = 1..n, in one packed pass.
 
@@ -169,7 +174,7 @@ def extract_prefixes(model: nn.Module, context_ids: Tensor, query_ids: Tensor, *
         progress: called with the number of rows finished after each packed pass (e.g. a progress bar).
     """
     adapter = get_adapter(model)
-    ctx = _check(model, adapter, context_ids)
+    ctx = check_context(model, adapter, context_ids)
     q = torch.as_tensor(query_ids).reshape(-1)
     if q.numel() == 0:
         raise ContextPatchError("the query is empty")
@@ -178,7 +183,7 @@ def extract_prefixes(model: nn.Module, context_ids: Tensor, query_ids: Tensor, *
     if not lengths or any(not 1 <= p <= n for p in lengths):
         raise ContextPatchError(f"prefix lengths must lie in 1..{n} (an empty prefix has no patch), got {lengths[:8]}")
     return _run_packed(model, adapter, ctx, [q] * len(lengths), lengths, query_positions=query_positions,
-                       output_patch=output_patch, stable=stable, tol=tol, chunk_size=chunk_size, progress=progress)
+                       output_patch=output_patch, tol=tol, chunk_size=chunk_size, progress=progress)
 
 
 def extract_prefixes_naive(model: nn.Module, context_ids: Tensor, query_ids: Tensor, *,
@@ -200,10 +205,17 @@ def extract_prefixes_naive(model: nn.Module, context_ids: Tensor, query_ids: Ten
         if progress is not None:
             progress(i)
     first = rows[0]
-    layers = [{k: torch.cat([r.layers[li][k] for r in rows]) for k in layer} for li, layer in enumerate(first.layers)]
-    meta = dict(first.meta)
-    meta["shared_context"] = {"context_length": n, "prefix_lengths": lengths, "query_positions": query_positions,
-                              "naive": True}
+    layers = [_cat_layers([r.layers[li] for r in rows]) for li in range(first.num_layers)]
+    options = dict(first.meta.options)
+    options["shared_context"] = {"context_length": n, "prefix_lengths": lengths, "query_positions": query_positions,
+                                 "naive": True}
     cat = {k: torch.cat([getattr(r, k) for r in rows]) for k in ("query_ids", "position_ids", "valid", "query_index")}
+    meta = dataclasses.replace(first.meta, options=options)
     return ContextPatches(layers, cat["query_ids"], cat["position_ids"], cat["valid"], cat["query_index"],
                           torch.zeros(len(rows), n + T, dtype=torch.bool), meta)
+
+
+def _cat_layers(parts: list[LayerPatch]) -> LayerPatch:
+    """Concatenate per-token layer patches along the row dimension."""
+    flat = [p.tensors() for p in parts]
+    return LayerPatch.from_tensors({k: torch.cat([f[k] for f in flat]) for k in flat[0]})

@@ -30,11 +30,23 @@ from .._packing import pack_rows
 from .._patches import LowRankPatch
 from ..adapters import get_adapter
 from ..theory import static_patch
-from ._common import accepts, check_model, compute_dtype, first_arg, first_out, model_output
 from ._extract import build_meta
-from ._patched import _eps, _rms_unit, _weight, resolve_slot, run_model
-from ._shared import _check, packed_attention_mask, packed_targets
+from ._model import (
+    compute_dtype,
+    first_arg,
+    linear_weight,
+    logits_to_keep_kw,
+    model_output,
+    norm_eps,
+    require_hf_model,
+    rms_unit,
+    run_model,
+    tap_residual,
+)
+from ._records import LayerPatch, OutputPatch
+from ._shared_context import check_context, packed_attention_mask, packed_targets
 from ._static_patches import StaticPatches, static_hooks
+from ._step2_patched import resolve_slot
 
 __all__ = ["fit_static", "evaluate_static"]
 
@@ -78,7 +90,7 @@ def _with_context_logits(model, ctx: Tensor, rows: list[Tensor]) -> Tensor:
     """Logits (K, T, V) of every row's tokens after the whole context, from one packed pass."""
     K, T = len(rows), int(rows[0].numel())
     packed = pack_rows(ctx.to(rows[0].device), rows, [int(ctx.numel())] * K, query_positions="original")
-    kw = {"logits_to_keep": packed.row_positions.reshape(-1)} if accepts(model, "logits_to_keep") else {}
+    kw = logits_to_keep_kw(model, True, packed.row_positions.reshape(-1))
     with torch.no_grad():
         out = model(input_ids=packed.input_ids, attention_mask=packed_attention_mask(model, packed),
                     position_ids=packed.position_ids, use_cache=False, **kw)
@@ -88,7 +100,7 @@ def _with_context_logits(model, ctx: Tensor, rows: list[Tensor]) -> Tensor:
     return logits.reshape(K, T, -1)
 
 
-def _ridge(keys: Tensor, targets: Tensor, ridge: float, rank: int | None) -> tuple[Tensor, Tensor]:
+def _ridge(keys: Tensor, targets: Tensor, ridge: float, rank: int | None) -> LowRankPatch:
     """Ridge least squares ΔW (d_out, d_in) with λ = ridge · mean ‖key‖², factored and compressed: (U, V)."""
     lam = ridge * float(keys.pow(2).sum(-1).mean())
     N, d_in = keys.shape
@@ -101,22 +113,14 @@ def _ridge(keys: Tensor, targets: Tensor, ridge: float, rank: int | None) -> tup
             else torch.linalg.pinv(G, hermitian=True) @ rhs
         p = LowRankPatch(Wt.T.contiguous(), torch.eye(d_in, dtype=G.dtype, device=G.device))
     p = p.compress(max_rank=rank)
-    return p.U.contiguous(), p.V.contiguous()
+    return LowRankPatch(p.U.contiguous(), p.V.contiguous())
 
 
-def _fit_layer(model, block, P: dict, zc: Tensor, rc: Tensor, ids, pos, valid, *, slot, conv1d, ridge, rank, cd):
-    """One context-free pass, stopped after block ℓ; fills P (layer ℓ's factors) from inside the hooks."""
+def _fit_layer(model, block, lp: LayerPatch, zc: Tensor, rc: Tensor, ids, pos, valid, *, slot, conv1d, ridge, rank,
+               cd):
+    """One context-free pass, stopped after block ℓ; fills ``lp`` (layer ℓ's patches) from inside the hooks."""
     state: dict[str, Tensor] = {}
     b = block
-
-    def store_r(mod, args, kwargs):
-        state["r"] = first_arg(args, kwargs).to(cd)
-
-    def store_h(mod, args, kwargs):
-        state["h"] = first_arg(args, kwargs).to(cd)
-
-    def attn(mod, args, out):
-        state["r"] = state["h"] + first_out(out).to(cd)
 
     def mlp_pre(mod, args, kwargs):
         z = first_arg(args, kwargs).to(cd)
@@ -124,31 +128,26 @@ def _fit_layer(model, block, P: dict, zc: Tensor, rc: Tensor, ids, pos, valid, *
         zk = z[vm]
         dz = zc.to(device=z.device, dtype=cd)[vm] - zk
         for name, m in b.inputs.items():
-            W = _weight(m, conv1d).to(cd)
-            P[f"in.{name}.U"], P[f"in.{name}.V"] = _ridge(zk, dz @ W.T, ridge, rank)
-        r = z if b.residual_kind == "mlp" else state["r"]
-        state["delta"] = rc.to(device=z.device, dtype=cd)[vm] - r[vm]
+            W = linear_weight(m, conv1d).to(cd)
+            lp.inputs[name] = _ridge(zk, dz @ W.T, ridge, rank)
+        state["delta"] = rc.to(device=z.device, dtype=cd)[vm] - state["r"][vm]
         if slot == "bias":
-            P["out.bias"] = state["delta"].mean(0)
+            lp.out_bias = state["delta"].mean(0)
             raise _Stop
 
     def out_weight(mod, args, out):
         g = args[0].to(cd)[valid.to(args[0].device)]
-        P["out.U"], P["out.V"] = _ridge(g, state["delta"], ridge, rank)
+        lp.out_weight = _ridge(g, state["delta"], ridge, rank)
         raise _Stop
 
     def out_scale(mod, args, out):
-        u = _rms_unit(args[0].to(cd), _eps(mod))[valid.to(args[0].device)]
+        u = rms_unit(args[0].to(cd), norm_eps(mod))[valid.to(args[0].device)]
         uu = u.pow(2)
-        P["out.scale"] = (state["delta"] * u).sum(0) / (uu.sum(0) + ridge * uu.mean(0))
+        lp.out_scale = (state["delta"] * u).sum(0) / (uu.sum(0) + ridge * uu.mean(0))
         raise _Stop
 
-    H = [b.mlp.register_forward_pre_hook(mlp_pre, with_kwargs=True)]
-    if b.residual_kind == "norm":
-        H.append(b.residual_module.register_forward_pre_hook(store_r, with_kwargs=True))
-    elif b.residual_kind == "parallel":
-        H += [b.block.register_forward_pre_hook(store_h, with_kwargs=True),
-              b.residual_module.register_forward_hook(attn)]
+    H = tap_residual(b, lambda r: state.__setitem__("r", r), lambda x: x.to(cd))
+    H.append(b.mlp.register_forward_pre_hook(mlp_pre, with_kwargs=True))
     if slot == "weight":
         H.append(b.output.register_forward_hook(out_weight))
     elif slot == "scale":
@@ -160,13 +159,14 @@ def _fit_layer(model, block, P: dict, zc: Tensor, rc: Tensor, ids, pos, valid, *
     finally:
         for h in H:
             h.remove()
-    if not all(torch.isfinite(v).all() for v in P.values()):
+    if not all(torch.isfinite(v).all() for v in lp.tensors().values()):
         raise ContextPatchError(f"layer {b.index}: the static fit produced NaN/inf (degenerate keys); "
                                 "use a positive ridge")
 
 
 def fit_static(model: nn.Module, context_ids: Tensor, calibration_queries: Sequence[Tensor] | Tensor, *,
-               ridge: float = 1e-3, rank: int | None = None, output_patch: str = "auto", seed: int | None = None,
+               ridge: float = 1e-3, rank: int | None = None, output_patch: str | OutputPatch = "auto",
+               seed: int | None = None,
                progress: Callable[[int], None] | None = None) -> StaticPatches:
     """Fit a static (query-independent) adapter of ``context_ids`` on calibration queries, layer by layer.
 
@@ -182,17 +182,19 @@ def fit_static(model: nn.Module, context_ids: Tensor, calibration_queries: Seque
         seed: recorded in the metadata (e.g. the seed that drew random calibration queries).
         progress: called with each finished layer index.
     """
-    check_model(model)
+    require_hf_model(model)
     adapter = get_adapter(model)
     if adapter.slot_kind == "moe":
         raise ContextPatchError(f"static adapters do not support MoE yet ({adapter.name}): the router's top-k "
                                 "choice is not linear in a static patch; use extract() for exact per-token patches")
-    ctx = _check(model, adapter, context_ids)
+    ctx = check_context(model, adapter, context_ids)
     if not ridge >= 0:
         raise ContextPatchError(f"ridge must be ≥ 0, got {ridge}")
     if rank is not None and rank < 1:
         raise ContextPatchError(f"rank must be ≥ 1 (or None for full rank), got {rank}")
     slot = resolve_slot(adapter, model, output_patch)
+    if slot == "stable":       # the stable variant is a per-token construction; a static fit uses the scale slot
+        slot = "scale"
     ids, valid = _queries(calibration_queries, model, "calibration")
     dev = next(model.parameters()).device
     cd = compute_dtype(next(model.parameters()).dtype)
@@ -201,7 +203,7 @@ def fit_static(model: nn.Module, context_ids: Tensor, calibration_queries: Seque
     ids = ids.to(dev)
     pos = torch.arange(n, n + ids.shape[1], device=dev).expand_as(ids)
     blocks = adapter.resolve(model)
-    layers: list[dict[str, Tensor]] = [{} for _ in blocks]
+    layers = [LayerPatch() for _ in blocks]
     handles = static_hooks(model, layers, slot)      # applies layers < ℓ (and ℓ's inputs once fitted)
     try:
         for b in blocks:
@@ -212,12 +214,12 @@ def fit_static(model: nn.Module, context_ids: Tensor, calibration_queries: Seque
     finally:
         for h in handles:
             h.remove()
-    meta = build_meta(model, adapter, slot, bos_is_context=True, renumber_positions=False, stable=False)
-    meta.update(kind="static", variant="static adapter: ridge least squares over calibration tokens",
-                context_ids=[int(t) for t in ctx.tolist()], context_length=n,
-                num_calibration_queries=int(ids.shape[0]), num_calibration_tokens=int(valid.sum()),
-                query_positions="n..n+T-1", ridge=float(ridge), ridge_convention="lambda = ridge * mean ||key||^2",
-                rank=rank, seed=seed, input_modules=list(adapter.inputs), conv1d=adapter.conv1d)
+    meta = build_meta(model, adapter, slot, kind="static",
+                      variant="static adapter: ridge least squares over calibration tokens",
+                      context_ids=[int(t) for t in ctx.tolist()], context_length=n,
+                      num_calibration_queries=int(ids.shape[0]), num_calibration_tokens=int(valid.sum()),
+                      query_positions="n..n+T-1", ridge=float(ridge),
+                      ridge_convention="lambda = ridge * mean ||key||^2", rank=rank, seed=seed, conv1d=adapter.conv1d)
     return StaticPatches(layers, meta)
 
 
@@ -239,10 +241,10 @@ def evaluate_static(model: nn.Module, static: StaticPatches, context_ids: Tensor
     distributions), ``top1_agreement``, the same four with prefix ``control_`` (no adapter, no context),
     ``num_queries``, ``num_tokens`` and ``same_context`` (whether ``context_ids`` is the fitted context).
     """
-    check_model(model)
+    require_hf_model(model)
     static.check_model(model)
     adapter = get_adapter(model)
-    ctx = _check(model, adapter, context_ids)
+    ctx = check_context(model, adapter, context_ids)
     ids, valid = _queries(queries, model, "evaluation")
     dev = next(model.parameters()).device
     n = int(ctx.numel())
@@ -256,5 +258,5 @@ def evaluate_static(model: nn.Module, static: StaticPatches, context_ids: Tensor
     res = _metrics(out[vm], ref[vm])
     res.update({"control_" + k: v for k, v in _metrics(control[vm], ref[vm]).items()})
     res.update(num_queries=int(ids.shape[0]), num_tokens=int(valid.sum()),
-               same_context=ctx.cpu().tolist() == static.meta.get("context_ids"))
+               same_context=ctx.cpu().tolist() == static.meta.options.get("context_ids"))
     return res
