@@ -1,4 +1,4 @@
-"""Target 3 of issue 5: many queries against one context share a single context pass.
+"""Shared-context benchmark 3 (docs/engine.md): many queries against one context share a single context pass.
 
 Workload: the GPT-2-small-sized random model, float32, CPU; one context of 512 tokens and Q = 64 queries of
 8 tokens each. ``extract_many`` packs the queries over ONE context pass (4-D mask = the context's KV cache

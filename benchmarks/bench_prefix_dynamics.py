@@ -1,4 +1,4 @@
-"""Target 4 of issue 5: implicit dynamics over every prefix, batched over the shared context.
+"""Shared-context benchmark 4 (docs/engine.md): implicit dynamics over every prefix, batched over the shared context.
 
 Workload: the GPT-2-small-sized random model, float32, CPU; a context of n = 256 tokens and a 1-token query;
 the patches of every prefix c_1..c_i (i = 1..n), all layers. ``prefix_dynamics`` runs ONE packed context pass

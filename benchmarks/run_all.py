@@ -1,4 +1,4 @@
-"""Run every issue-5 benchmark side by side and print (and save) the table of measured ratios.
+"""Run every benchmark (docs/engine.md) side by side and print (and save) the table of measured ratios.
 
     python benchmarks/run_all.py            # the real targets (GPT-2-small-sized model; a few minutes on 2 cores)
     python benchmarks/run_all.py --quick    # tiny model: a CI smoke run of the same code paths; only the

@@ -101,7 +101,7 @@ def test_shape_errors_are_clear():
         theory.static_patch(rand(3, 4), rand(2, 5))
     with pytest.raises(cp.ContextPatchError, match="at least 2 rows"):
         theory.gd_dynamics(W, rand(1, 4))
-    with pytest.raises(ValueError, match="disagree"):
+    with pytest.raises(cp.ContextPatchError, match="disagree"):
         cp.LowRankPatch(rand(3, 1), rand(4, 2))
 
 
@@ -126,7 +126,7 @@ def test_low_rank_algebra_without_dense():
     shared = cp.LowRankPatch.outer(rand(7, 6), v.expand(7, 5)).sum(0)
     c = shared.compress()
     assert c.rank == 1 and torch.allclose(c.dense(), shared.dense(), atol=1e-12)
-    with pytest.raises(ValueError, match="equal ranks"):
+    with pytest.raises(cp.ContextPatchError, match="equal ranks"):
         _patches.stack_patches([p, q])
 
 

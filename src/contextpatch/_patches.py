@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ._errors import ContextPatchError
+
 __all__ = ["LowRankPatch", "VectorPatch", "ScalePatch", "stack_patches", "sum_patches"]
 
 
@@ -30,10 +32,11 @@ class LowRankPatch:
 
     def __post_init__(self) -> None:
         if self.U.dim() < 2 or self.V.dim() < 2:
-            raise ValueError(f"LowRankPatch factors need shape (..., d, r); got U {tuple(self.U.shape)}, "
+            raise ContextPatchError(f"LowRankPatch factors need shape (..., d, r); got U {tuple(self.U.shape)}, "
                              f"V {tuple(self.V.shape)}")
         if self.U.shape[:-2] != self.V.shape[:-2] or self.U.shape[-1] != self.V.shape[-1]:
-            raise ValueError(f"LowRankPatch factors disagree: U {tuple(self.U.shape)} vs V {tuple(self.V.shape)} "
+            raise ContextPatchError(f"LowRankPatch factors disagree: U {tuple(self.U.shape)} vs V "
+                                    f"{tuple(self.V.shape)} "
                              "(batch dims and rank must match)")
 
     @classmethod
@@ -63,7 +66,7 @@ class LowRankPatch:
     def __getitem__(self, idx) -> LowRankPatch:
         """Index the batch dimensions (never the matrix dimensions)."""
         if not self.batch_shape:
-            raise IndexError("this patch has no batch dimensions to index")
+            raise ContextPatchError("this patch has no batch dimensions to index")
         idx = idx if isinstance(idx, tuple) else (idx,)
         tail = (slice(None), slice(None)) if any(i is Ellipsis for i in idx) else (Ellipsis, slice(None), slice(None))
         return LowRankPatch(self.U[idx + tail], self.V[idx + tail])
@@ -114,7 +117,7 @@ class LowRankPatch:
         """Sum over a batch dimension: the summed patch has rank r · size(dim)."""
         nb = len(self.batch_shape)
         if not -nb <= dim < nb:
-            raise IndexError(f"dim {dim} is not a batch dimension (batch shape {tuple(self.batch_shape)})")
+            raise ContextPatchError(f"dim {dim} is not a batch dimension (batch shape {tuple(self.batch_shape)})")
         dim = dim % nb
         U = self.U.movedim(dim, -3)
         V = self.V.movedim(dim, -3)
@@ -128,7 +131,7 @@ class LowRankPatch:
         most that many singular directions (the best rank-r approximation in Frobenius norm, Eckart–Young).
         """
         if max_rank is not None and max_rank < 1:
-            raise ValueError(f"max_rank must be ≥ 1, got {max_rank}")
+            raise ContextPatchError(f"max_rank must be ≥ 1, got {max_rank}")
         Qu, Ru = torch.linalg.qr(self.U)
         Qv, Rv = torch.linalg.qr(self.V)
         P, S, Qh = torch.linalg.svd(Ru @ Rv.transpose(-1, -2))
@@ -179,10 +182,10 @@ class ScalePatch:
 def stack_patches(patches: list[LowRankPatch], dim: int = 0) -> LowRankPatch:
     """Stack patches of equal rank along a new batch dimension."""
     if not patches:
-        raise ValueError("stack_patches needs at least one patch")
+        raise ContextPatchError("stack_patches needs at least one patch")
     ranks = {p.rank for p in patches}
     if len(ranks) != 1:
-        raise ValueError(f"stack_patches needs equal ranks, got {sorted(ranks)}")
+        raise ContextPatchError(f"stack_patches needs equal ranks, got {sorted(ranks)}")
     nb = len(patches[0].batch_shape)
     d = dim if dim >= 0 else dim + nb + 1
     return LowRankPatch(torch.stack([p.U for p in patches], d), torch.stack([p.V for p in patches], d))
@@ -191,7 +194,7 @@ def stack_patches(patches: list[LowRankPatch], dim: int = 0) -> LowRankPatch:
 def sum_patches(patches: list[LowRankPatch]) -> LowRankPatch:
     """Sum of patches (ranks add); see :meth:`LowRankPatch.compress` to re-factor."""
     if not patches:
-        raise ValueError("sum_patches needs at least one patch")
+        raise ContextPatchError("sum_patches needs at least one patch")
     out = patches[0]
     for p in patches[1:]:
         out = out + p

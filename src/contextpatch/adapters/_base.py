@@ -6,7 +6,7 @@ A block of every supported family is read as
     z   = MLP input                                                     (input of ``mlp``)
     out = r + Slot(MLP(z))                                              (Slot: identity, or a post-norm)
 
-and patched by (Goldwaser et al. 2025, Thm 5 pattern; extensions.md §3.0):
+and patched by (Goldwaser et al. 2025, Thm 5 pattern; docs/theory.md §3.1):
 
     every matrix W_m reading z:   ΔW_m = W_m (z_C − z) zᵀ/‖z‖²          (rank 1, shared right factor)
     the output slot absorbs δ = r_C − r:

@@ -44,16 +44,19 @@ def _crc(t: torch.Tensor) -> int:
 def weight_fingerprint(model: nn.Module) -> str:
     """SHA-256 (first 16 hex) over every parameter and buffer: name, dtype, shape and the CRC-32 of its bytes.
 
-    Tied weights (one tensor under two names) are hashed once per name. Independent of the device.
+    Tied weights (one storage under two names) are read once and recorded under both names. Independent of the
+    device.
     """
     named = [(n, t) for n, t in model.named_parameters(remove_duplicate=False)]
     named += [(n, t) for n, t in model.named_buffers(remove_duplicate=False) if t is not None]
     named.sort(key=lambda nt: nt[0])
+    key = {n: (t.device, t.data_ptr(), t.dtype, tuple(t.shape), tuple(t.stride())) for n, t in named}
+    unique = {key[n]: t for n, t in named}                  # tied weights (one storage, two names): read once
     with ThreadPoolExecutor(max_workers=4) as pool:
-        crcs = list(pool.map(lambda nt: _crc(nt[1]), named))
+        crcs = dict(zip(unique, pool.map(_crc, unique.values()), strict=True))
     h = hashlib.sha256()
-    for (name, t), crc in zip(named, crcs, strict=True):
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|{crc:08x};".encode())
+    for name, t in named:
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|{crcs[key[name]]:08x};".encode())
     return h.hexdigest()[:16]
 
 

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .._errors import PatchFileError
+from .._errors import ContextPatchError, PatchFileError
 from .._patches import LowRankPatch, ScalePatch, VectorPatch
 
 __all__ = ["LayerPatch", "PatchMeta", "OutputPatch", "META_VERSION", "side_path"]
@@ -34,7 +34,7 @@ META_VERSION = 2
 
 
 class OutputPatch(str, Enum):
-    """Which output slot absorbs the residual difference δ = r_C − r (docs/theory.md §3.3)."""
+    """Which output slot absorbs the residual difference δ = r_C − r (docs/theory.md §3.1)."""
 
     auto = "auto"        # bias if the MLP output matrix has one, else weight; Gemma-2/3: stable; Mixtral: moe
     bias = "bias"        # Δb = δ
@@ -96,7 +96,7 @@ class LayerPatch:
                 raise PatchFileError(f"{where}patch {stem!r} has only its {''.join(uv)} factor")
             try:
                 p = LowRankPatch(uv["U"], uv["V"])
-            except ValueError as e:
+            except ContextPatchError as e:
                 raise PatchFileError(f"{where}patch {stem!r}: {e}") from None
             if stem.startswith("in."):
                 lp.inputs[stem[3:]] = p

@@ -42,7 +42,7 @@ __all__ = ["PatchSession", "PatchedResult", "patched_pass", "resolve_slot", "uni
 
 
 def unit_rms_fit(gamma: Tensor, s: Tensor, iters: int = 200) -> Tensor:
-    """y* = argmin_{mean(y²)=1} ‖s ⊙ y − γ‖²  (docs/theory.md §3.4; trust region, bisection on μ).
+    """y* = argmin_{mean(y²)=1} ‖s ⊙ y − γ‖²  (docs/theory.md §3.2; trust region, bisection on μ).
 
     y = s γ / (s² − μ) with μ < min s² solving mean(s²γ²/(s² − μ)²) = 1; in the "hard case" (no root below
     min s²) μ = min s² and the missing norm is put on the argmin coordinates.
@@ -68,7 +68,7 @@ def resolve_slot(adapter: FamilyAdapter, model: nn.Module, output_patch: str | O
     """The output-slot variant for this model: "bias" | "weight" | "scale" | "stable" | "moe".
 
     "auto": bias if the MLP output matrix has one, else weight; Gemma-2/3 "stable" (the plain scale patch
-    Δs = δ ⊘ u is ill-conditioned when some |u_j| is small, docs/theory.md §3.4); Mixtral "moe".
+    Δs = δ ⊘ u is ill-conditioned when some |u_j| is small, docs/theory.md §3.2); Mixtral "moe".
     """
     try:
         choice = OutputPatch(output_patch).value

@@ -1,6 +1,6 @@
 """Configuration dataclasses and presets for the in-context linear-regression experiments.
 
-Every number that the paper does not give (paper.md §6-§7: widths, optimiser, learning rates, steps,
+Every number that the paper does not give (docs/theory.md §7.1: widths, optimiser, learning rates, steps,
 ridge λ, fine-tuning protocol) is chosen here, in one place, and written into every metrics.json.
 """
 

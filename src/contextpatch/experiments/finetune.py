@@ -1,6 +1,7 @@
 """Experiment 2 — implicit dynamics vs explicit fine-tuning (v4 §3.2, Fig. 2).
 
-Protocol (the paper's §D.3 was not readable; this is paper.md §3.5's inferred protocol, every choice stated):
+Protocol (the paper's §D.3 was not readable; this is the inferred protocol of docs/theory.md §2.4 and §7.1,
+every choice stated):
 
 * Model: the single-block model; only the first MLP matrix W changes, everything else stays frozen.
 * Explicit: online SGD from the trained W, one context example per step, in prompt order. Step i runs the
@@ -135,7 +136,7 @@ def run_finetune(ckpts: dict[str, Checkpoint], exp: ExperimentConfig, out: Path)
         verdict = "not positive, unlike the paper"
     report = f"""## 2. Implicit dynamics vs explicit fine-tuning
 
-Protocol (the paper's §D.3 was not available; inferred protocol of paper.md §3.5): model = single block; only the
+Protocol (the paper's §D.3 was not available; inferred protocol of docs/theory.md §7.1): model = single block; only the
 first MLP matrix W is updated. Explicit: online SGD from the trained W, one context example per step in prompt
 order; step i runs the context-free pass on the token (x_i, 0) with loss (ŷ − y_i)² and updates W ← W − η∇_W.
 η = {lr:g}, chosen from the grid {list(exp.ft_lrs)} by the lowest query MSE after all N steps on
