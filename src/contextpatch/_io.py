@@ -5,14 +5,17 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from ._errors import ContextPatchError
 
-__all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_write_json", "atomic_write_with", "save_figure",
+__all__ = ["atomic_folder", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "atomic_write_with",
+           "save_figure",
            "ensure_out_dir", "jsonable"]
 
 
@@ -95,3 +98,33 @@ def atomic_write_with(path: Path | str, write: Callable[[str], None]) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+@contextmanager
+def atomic_folder(path: Path | str, *, force: bool = False) -> Iterator[Path]:
+    """Write a whole folder atomically: yield a temporary sibling folder, rename it to ``path`` on success.
+
+    An existing non-empty ``path`` raises :class:`ContextPatchError` unless ``force`` (then it is replaced only
+    after the new folder is complete). On any error the temporary folder is removed and ``path`` is untouched.
+    """
+    path = Path(path)
+    if path.exists() and (not path.is_dir() or any(path.iterdir())) and not force:
+        raise ContextPatchError(f"{path} exists and is not empty; pass force=True (CLI: --force) to replace it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    try:
+        yield tmp
+        os.chmod(tmp, 0o777 & ~_umask())
+        old = None
+        if path.exists():
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            os.replace(path, old)
+        os.replace(tmp, path)
+        if old is not None:
+            if old.is_dir():
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                old.unlink()
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from enum import Enum
 from pathlib import Path
 
 import torch
@@ -37,6 +38,14 @@ from ._hf import (
     Family,
     _parse_ids,
 )
+
+
+class Export(str, Enum):
+    """What ``compress --out`` writes."""
+
+    static = "static"
+    peft = "peft"
+    merged = "merged"
 
 
 def _model(model: str | None, arch: str | None, random: bool, dtype: str, device: str, seed: int):
@@ -93,7 +102,12 @@ def compress_cmd(model: str = _MODEL, arch: Family = _ARCH, random: bool = _RAND
                  ridge: float = typer.Option(1e-3, "--ridge", help="λ = ridge · mean ‖key‖² (0: plain least squares)."),
                  rank: int = typer.Option(None, "--rank", help="Keep at most this rank per matrix (default: full)."),
                  out: str = typer.Option(None, "--out", help="Directory to write the adapter (static.safetensors + "
-                                         "static.json)."),
+                                         "static.json; with --export: the exported folder)."),
+                 export: Export = typer.Option(Export.static, "--export", case_sensitive=False,
+                                               help="static: contextpatch's own files; peft: a LoRA adapter folder "
+                                                    "for peft.PeftModel.from_pretrained; merged: a standalone HF "
+                                                    "checkpoint with the adapter folded into the weights."),
+                 force: bool = typer.Option(False, "--force", help="Replace a non-empty --out folder."),
                  dtype: DType = _DTYPE, device: str = _DEVICE, seed: int = _SEED, output_patch: OutputPatch = _OUTP,
                  json_out: bool = _JSON) -> None:
     """Compress a context into a static adapter: one query-independent patch per layer, fitted on calibration
@@ -129,7 +143,20 @@ def compress_cmd(model: str = _MODEL, arch: Family = _ARCH, random: bool = _RAND
             static = fit_static(m, ctx_t, cal, ridge=ridge, rank=rank, output_patch=OutputPatch(output_patch).value,
                                 seed=seed, progress=lambda i: bar.update(task, completed=i + 1))
         ev = evaluate_static(m, static, ctx_t, held) if held else {}
-        path = static.save(out) if out else None
+        export = Export(export)
+        if out is None and export != Export.static:
+            fail(f"--export {export.value} needs --out DIR")
+        if out is None:
+            path = None
+        elif export == Export.peft:
+            path = static.to_peft(m, out, force=force)
+        elif export == Export.merged:
+            path = static.save_merged(m, out, tokenizer=tok, force=force)
+        else:
+            if not force and os.path.isdir(out) and any(os.scandir(out)) and not os.path.isfile(
+                    os.path.join(out, "static.json")):
+                fail(f"{out} exists and holds other files; pass --force to write the adapter there")
+            path = static.save(out)
     except ContextPatchError as e:
         fail(str(e))
     except OSError as e:
@@ -138,7 +165,7 @@ def compress_cmd(model: str = _MODEL, arch: Family = _ARCH, random: bool = _RAND
             "rank": rank,
             "context_length": len(ctx), "calibration_queries": len(cal), "calibration_tokens":
             static.meta.options["num_calibration_tokens"], "held_out_queries": len(held), "nbytes": static.nbytes(),
-            "out": os.fspath(path) if path else None}
+            "out": os.fspath(path) if path else None, "export": Export(export).value}
     if json_out:
         print_json({**ev, **info, "layers": static.summary()})
         return

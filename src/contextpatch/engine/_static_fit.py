@@ -192,6 +192,13 @@ def fit_static(model: nn.Module, context_ids: Tensor, calibration_queries: Seque
         raise ContextPatchError(f"ridge must be ≥ 0, got {ridge}")
     if rank is not None and rank < 1:
         raise ContextPatchError(f"rank must be ≥ 1 (or None for full rank), got {rank}")
+    if rank is not None:
+        b0 = adapter.resolve(model)[0]
+        for name, mod in list(b0.inputs.items()) + ([("output", b0.output)] if b0.output is not None else []):
+            d_out, d_in = linear_weight(mod, adapter.conv1d).shape
+            if rank > min(d_out, d_in):
+                raise ContextPatchError(f"rank={rank} exceeds the {d_out}×{d_in} matrix {name}: at most "
+                                        f"{min(d_out, d_in)} (or rank=None for full rank)")
     slot = resolve_slot(adapter, model, output_patch)
     if slot == "stable":       # the stable variant is a per-token construction; a static fit uses the scale slot
         slot = "scale"

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from .._errors import PatchFileError
 from .._patches import LowRankPatch, ScalePatch, VectorPatch
 from ..adapters import get_adapter
+from ._export import merge, save_merged, to_peft
 from ._files import load_patch_dir, save_patch_dir
 from ._identity import check_same_model
 from ._model import compute_dtype, norm_eps, rms_unit
@@ -142,6 +143,26 @@ class StaticPatches:
         finally:
             for h in handles:
                 h.remove()
+
+    # --- exports -------------------------------------------------------------------------
+    def to_peft(self, model: nn.Module, directory: str | os.PathLike, *, force: bool = False) -> Path:
+        """Write a peft LoRA adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``) that
+        ``peft.PeftModel.from_pretrained(model, directory)`` loads: A = Vᵀ, B = U, α = r per module, the bias
+        slot as ``lora_B`` bias. The Gemma-2/3 norm-scale slot has no LoRA form (use :meth:`save_merged`)."""
+        self.check_model(model)
+        return to_peft(self.layers, self.meta, model, directory, force=force)
+
+    def merge(self, model: nn.Module, *, inplace: bool = False) -> nn.Module:
+        """The model with the adapter folded into its weights, biases and norm gains (a copy unless ``inplace``)."""
+        self.check_model(model)
+        return merge(self.layers, self.meta, model, inplace=inplace)
+
+    def save_merged(self, model: nn.Module, directory: str | os.PathLike, *, tokenizer=None,
+                    force: bool = False) -> Path:
+        """A standalone HF checkpoint of the merged model (``save_pretrained``; ``AutoModel*.from_pretrained``
+        loads it), written atomically."""
+        self.check_model(model)
+        return save_merged(self.layers, self.meta, model, directory, tokenizer=tokenizer, force=force)
 
     # --- save / load ---------------------------------------------------------------------
     def save(self, directory: str | os.PathLike) -> Path:
