@@ -228,3 +228,27 @@ def test_cli_compress_queries_file_table_and_errors(tmp_path):
     assert res.exit_code == 2 and "at least --calibration=9" in res.output
     res = runner.invoke(app, ["compress", "--help"])
     assert res.exit_code == 0 and "--calibration" in res.stdout
+
+
+@pytest.mark.parametrize("arch,output_patch", [("llama", "auto"), ("gpt2", "weight")])
+def test_drop_in_mode_keeps_bos_and_runs_from_position_zero(arch, output_patch):
+    """keep_prefix=1, renumber_positions=True: the adapter runs on [BOS, query] at positions 0.., as a server would
+    without the context. K = T = 1, ridge 0: two keys per layer (BOS, the query token) are interpolated, so BOS
+    is unchanged and the query token gets its with-context logits (query at position n after the context)."""
+    model = tiny_model(arch, dtype=torch.float64, seed=0)
+    ctx, q = torch.cat([torch.tensor([1]), _ids((8,), 1)]), _ids((1,), 2)          # ctx[0] is BOS
+    static = fit_static(model, ctx, [q], ridge=0.0, output_patch=output_patch, keep_prefix=1,
+                        renumber_positions=True)
+    ref = _with_context(model, ctx, q)                                             # plain forward, q at position 9
+    x, pos = torch.cat([ctx[:1], q])[None], torch.arange(2)[None]
+    with static.applied(model):
+        out = _logits(model, x, pos)[0]
+    plain = _logits(model, x, pos)[0]
+    assert float((out[1:] - ref).abs().max()) <= 1e-10 and float((plain[1:] - ref).abs().max()) > 1e-2
+    assert float((out[:1] - plain[:1]).abs().max()) <= 1e-10                        # BOS itself is unchanged
+    ev = evaluate_static(model, static, ctx, [q])
+    assert ev["keep_prefix"] == 1 and ev["renumber_positions"] and ev["max_abs_diff"] <= 1e-10
+    fitted_positions = evaluate_static(model, static, ctx, [q], keep_prefix=0, renumber_positions=False)
+    assert fitted_positions["max_abs_diff"] > 1e-6                                 # a different input: reported apart
+    with pytest.raises(ContextPatchError, match="keep_prefix"):
+        fit_static(model, ctx, [q], keep_prefix=9)

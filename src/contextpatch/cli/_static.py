@@ -108,6 +108,11 @@ def compress_cmd(model: str = _MODEL, arch: Family = _ARCH, random: bool = _RAND
                                                     "for peft.PeftModel.from_pretrained; merged: a standalone HF "
                                                     "checkpoint with the adapter folded into the weights."),
                  force: bool = typer.Option(False, "--force", help="Replace a non-empty --out folder."),
+                 keep_prefix: int = typer.Option(0, "--keep-prefix", help="Leading context tokens kept in the "
+                                                 "context-free input (1: BOS), as a server runs the model."),
+                 renumber: bool = typer.Option(False, "--renumber-positions", help="Run [kept prefix, query] at "
+                                               "positions 0.. (drop-in) instead of the query's positions after "
+                                               "the context."),
                  dtype: DType = _DTYPE, device: str = _DEVICE, seed: int = _SEED, output_patch: OutputPatch = _OUTP,
                  json_out: bool = _JSON) -> None:
     """Compress a context into a static adapter: one query-independent patch per layer, fitted on calibration
@@ -141,7 +146,8 @@ def compress_cmd(model: str = _MODEL, arch: Family = _ARCH, random: bool = _RAND
         with Progress(console=err_console, transient=True) as bar:
             task = bar.add_task("fitting layers", total=len(get_adapter(m).resolve(m)))
             static = fit_static(m, ctx_t, cal, ridge=ridge, rank=rank, output_patch=OutputPatch(output_patch).value,
-                                seed=seed, progress=lambda i: bar.update(task, completed=i + 1))
+                                seed=seed, keep_prefix=keep_prefix, renumber_positions=renumber,
+                                progress=lambda i: bar.update(task, completed=i + 1))
         ev = evaluate_static(m, static, ctx_t, held) if held else {}
         export = Export(export)
         if out is None and export != Export.static:
@@ -162,7 +168,7 @@ def compress_cmd(model: str = _MODEL, arch: Family = _ARCH, random: bool = _RAND
     except OSError as e:
         fail(f"could not write {out}: {e}")
     info = {"arch": family, "dtype": getattr(dtype, "value", dtype), "slot": static.slot, "seed": seed, "ridge": ridge,
-            "rank": rank,
+            "rank": rank, "keep_prefix": keep_prefix, "renumber_positions": renumber,
             "context_length": len(ctx), "calibration_queries": len(cal), "calibration_tokens":
             static.meta.options["num_calibration_tokens"], "held_out_queries": len(held), "nbytes": static.nbytes(),
             "out": os.fspath(path) if path else None, "export": Export(export).value}

@@ -46,6 +46,7 @@ from ._model import (
 from ._records import LayerPatch, OutputPatch
 from ._shared_context import check_context, packed_attention_mask, packed_targets
 from ._static_patches import StaticPatches, static_hooks
+from ._step1_capture import capture_targets
 from ._step2_patched import resolve_slot
 
 __all__ = ["fit_static", "evaluate_static"]
@@ -98,6 +99,40 @@ def _with_context_logits(model, ctx: Tensor, rows: list[Tensor]) -> Tensor:
         raise ContextPatchError("evaluate_static compares next-token distributions: the model needs an LM head")
     logits = out.logits if kw else out.logits[:, packed.row_positions.reshape(-1)]
     return logits.reshape(K, T, -1)
+
+
+def _context_free_batch(model, ctx: Tensor, ids: Tensor, valid: Tensor, keep_prefix: int, renumber: bool):
+    """The context-free input of every row: the kept context prefix (e.g. BOS) then the query, with positions
+    0..p+T−1 (``renumber``) or 0..p−1 then n..n+T−1 (the query's positions after the whole context).
+
+    Returns ids (K, p+T), position ids (K, p+T), validity (K, p+T) on the model's device."""
+    dev = next(model.parameters()).device
+    K, T = ids.shape
+    n, p = int(ctx.numel()), keep_prefix
+    pre = ctx[:p].to(dev).expand(K, p)
+    full = torch.cat([pre, ids.to(dev)], 1)
+    pos = torch.arange(p + T, device=dev) if renumber else torch.cat([torch.arange(p, device=dev),
+                                                                       torch.arange(n, n + T, device=dev)])
+    v = torch.cat([torch.ones(K, p, dtype=torch.bool), valid], 1).to(dev)
+    return full, pos.expand(K, p + T), v
+
+
+def _prefix_targets(model, ctx: Tensor, K: int, keep_prefix: int) -> tuple[list[Tensor], list[Tensor]]:
+    """With-context targets of the kept prefix tokens (a causal prefix of the context sees only itself)."""
+    if keep_prefix == 0:
+        return [], []
+    dev = next(model.parameters()).device
+    pre = ctx[:keep_prefix].to(dev)[None]
+    cap = capture_targets(model, pre, torch.arange(keep_prefix, device=dev)[None], need_output=False,
+                          position_ids=torch.arange(keep_prefix, device=dev)[None])
+    expand = [t.expand(K, *t.shape[1:]) for t in cap.targets.z], [t.expand(K, *t.shape[1:]) for t in cap.targets.r]
+    return expand
+
+
+def _check_prefix(ctx: Tensor, keep_prefix: int) -> None:
+    if not 0 <= keep_prefix < int(ctx.numel()):
+        raise ContextPatchError(f"keep_prefix={keep_prefix} must lie in 0..{int(ctx.numel()) - 1}: the context must "
+                                "keep at least one token that is removed")
 
 
 def _ridge(keys: Tensor, targets: Tensor, ridge: float, rank: int | None) -> LowRankPatch:
@@ -166,20 +201,26 @@ def _fit_layer(model, block, lp: LayerPatch, zc: Tensor, rc: Tensor, ids, pos, v
 
 def fit_static(model: nn.Module, context_ids: Tensor, calibration_queries: Sequence[Tensor] | Tensor, *,
                ridge: float = 1e-3, rank: int | None = None, output_patch: str | OutputPatch = "auto",
-               seed: int | None = None,
+               seed: int | None = None, keep_prefix: int = 0, renumber_positions: bool = False,
                progress: Callable[[int], None] | None = None) -> StaticPatches:
     """Fit a static (query-independent) adapter of ``context_ids`` on calibration queries, layer by layer.
 
     Args:
         context_ids: (n,) the fixed context.
         calibration_queries: K id tensors (lengths may differ) or a (K, T) tensor; each is a continuation of the
-            context and keeps positions n..n+T−1.
+            context (its with-context targets sit at positions n..n+T−1).
         ridge: λ = ridge · mean ‖key‖² (0: minimum-norm least squares; one calibration token is then reproduced
             exactly).
         rank: keep at most this rank per matrix (best rank-r approximation of the ridge solution); None: full.
         output_patch: "auto" (bias if the MLP output matrix has one, else weight; Gemma-2/3: scale), "bias",
             "weight".
         seed: recorded in the metadata (e.g. the seed that drew random calibration queries).
+        keep_prefix: the first ``keep_prefix`` context tokens stay in the context-free input (e.g. 1 for BOS, or a
+            chat template's opening tokens), as a user or server runs the model without the context; the adapter
+            is fitted to leave them unchanged. Like ``extract``'s ``bos_is_context=False``.
+        renumber_positions: False (default): the query keeps its with-context positions n..n+T−1; True: the
+            context-free input [kept prefix, query] runs at positions 0.. (the drop-in setting:
+            ``keep_prefix=1, renumber_positions=True``).
         progress: called with each finished layer index.
     """
     require_hf_model(model)
@@ -203,12 +244,14 @@ def fit_static(model: nn.Module, context_ids: Tensor, calibration_queries: Seque
     if slot == "stable":       # the stable variant is a per-token construction; a static fit uses the scale slot
         slot = "scale"
     ids, valid = _queries(calibration_queries, model, "calibration")
-    dev = next(model.parameters()).device
     cd = compute_dtype(next(model.parameters()).dtype)
-    n = int(ctx.numel())
+    _check_prefix(ctx, keep_prefix)
     zc, rc, _ = _packed(model, ctx, ids, need_output=False)
-    ids = ids.to(dev)
-    pos = torch.arange(n, n + ids.shape[1], device=dev).expand_as(ids)
+    if keep_prefix:
+        pz, pr = _prefix_targets(model, ctx, ids.shape[0], keep_prefix)
+        zc = [torch.cat([a.to(b.device), b], 1) for a, b in zip(pz, zc, strict=True)]
+        rc = [torch.cat([a.to(b.device), b], 1) for a, b in zip(pr, rc, strict=True)]
+    ids, pos, valid = _context_free_batch(model, ctx, ids, valid, keep_prefix, renumber_positions)
     blocks = adapter.resolve(model)
     layers = [LayerPatch() for _ in blocks]
     handles = static_hooks(model, layers, slot)      # applies layers < ℓ (and ℓ's inputs once fitted)
@@ -223,9 +266,10 @@ def fit_static(model: nn.Module, context_ids: Tensor, calibration_queries: Seque
             h.remove()
     meta = build_meta(model, adapter, slot, kind="static",
                       variant="static adapter: ridge least squares over calibration tokens",
-                      context_ids=[int(t) for t in ctx.tolist()], context_length=n,
+                      context_ids=[int(t) for t in ctx.tolist()], context_length=int(ctx.numel()),
                       num_calibration_queries=int(ids.shape[0]), num_calibration_tokens=int(valid.sum()),
-                      query_positions="n..n+T-1", ridge=float(ridge),
+                      keep_prefix=keep_prefix, renumber_positions=renumber_positions,
+                      query_positions="p..p+T-1" if renumber_positions else "n..n+T-1", ridge=float(ridge),
                       ridge_convention="lambda = ridge * mean ||key||^2", rank=rank, seed=seed, conv1d=adapter.conv1d)
     return StaticPatches(layers, meta)
 
@@ -239,11 +283,14 @@ def _metrics(a: Tensor, ref: Tensor) -> dict[str, float]:
 
 
 def evaluate_static(model: nn.Module, static: StaticPatches, context_ids: Tensor,
-                    queries: Sequence[Tensor] | Tensor) -> dict:
+                    queries: Sequence[Tensor] | Tensor, *, keep_prefix: int | None = None,
+                    renumber_positions: bool | None = None) -> dict:
     """Measure a static adapter on (held-out) queries against the with-context logits.
 
-    Compares the logits of each query ALONE (positions n..n+T−1) with the adapter applied, and without it (the
-    control), to the logits of the query after the context (one packed pass). Returns, over all query tokens:
+    Compares the logits of each query run WITHOUT the context (after the kept prefix, at the positions of
+    ``keep_prefix`` / ``renumber_positions``, by default those of the fit) with the adapter applied, and without
+    it (the control), to the logits of the query after the whole context (one packed pass). Returns, over all
+    query tokens:
     ``mean_abs_diff``, ``max_abs_diff`` (|Δlogit|), ``kl`` (mean KL(with-context ‖ static) of the next-token
     distributions), ``top1_agreement``, the same four with prefix ``control_`` (no adapter, no context),
     ``num_queries``, ``num_tokens`` and ``same_context`` (whether ``context_ids`` is the fitted context).
@@ -254,16 +301,18 @@ def evaluate_static(model: nn.Module, static: StaticPatches, context_ids: Tensor
     ctx = check_context(model, adapter, context_ids)
     ids, valid = _queries(queries, model, "evaluation")
     dev = next(model.parameters()).device
-    n = int(ctx.numel())
+    opts = static.meta.options
+    p = opts.get("keep_prefix", 0) if keep_prefix is None else keep_prefix
+    renumber = opts.get("renumber_positions", False) if renumber_positions is None else renumber_positions
+    _check_prefix(ctx, p)
     _, _, ref = _packed(model, ctx, ids, need_output=True)
-    ids = ids.to(dev)
-    pos = torch.arange(n, n + ids.shape[1], device=dev).expand_as(ids)
+    full, pos, _ = _context_free_batch(model, ctx, ids, valid, p, renumber)
     with static.applied(model):
-        out = model_output(run_model(model, adapter, ids, position_ids=pos))
-    control = model_output(run_model(model, adapter, ids, position_ids=pos))
+        out = model_output(run_model(model, adapter, full, position_ids=pos))[:, p:]
+    control = model_output(run_model(model, adapter, full, position_ids=pos))[:, p:]
     vm = valid.to(dev)
     res = _metrics(out[vm], ref[vm])
     res.update({"control_" + k: v for k, v in _metrics(control[vm], ref[vm]).items()})
-    res.update(num_queries=int(ids.shape[0]), num_tokens=int(valid.sum()),
+    res.update(num_queries=int(ids.shape[0]), num_tokens=int(valid.sum()), keep_prefix=p, renumber_positions=renumber,
                same_context=ctx.cpu().tolist() == static.meta.options.get("context_ids"))
     return res
