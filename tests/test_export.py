@@ -111,3 +111,22 @@ def test_cli_compress_exports(tmp_path):
     res = runner.invoke(app, ["compress", "--arch", "llama", "--random", "--export", "peft", "--out",
                               str(tmp_path / "peft")])
     assert res.exit_code == 2 and "--force" in res.output
+
+
+def test_lora_distillation_reduces_kl_and_the_hybrid_starts_at_the_static_adapter():
+    from contextpatch import evaluate_static
+    from contextpatch.engine import distill_lora
+
+    m = tiny_model("llama", dtype=torch.float32, seed=0)
+    g = torch.Generator().manual_seed(0)
+    ctx, cal = torch.randint(3, 100, (9,), generator=g), torch.randint(3, 100, (8, 4), generator=g)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    res = distill_lora(m, ctx, cal, cal, rank=4, steps=30, lr=1e-2, eval_every=10)
+    kls = [h["kl"] for h in res.history]
+    assert [h["step"] for h in res.history] == [0, 10, 20, 30] and res.history[-1]["forward_backward"] == 30
+    assert kls[0] > 1e-2 and kls[-1] < 0.5 * kls[0], kls                   # the objective is learned
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())  # the base model is untouched
+    static = fit_static(m, ctx, cal, rank=4, keep_prefix=1, renumber_positions=True)
+    hyb = distill_lora(m, ctx, cal, cal, steps=0, init=static)
+    ref = evaluate_static(m, static, ctx, cal)["kl"]                          # the hooked adapter, same inputs
+    assert abs(hyb.history[0]["kl"] - ref) <= 1e-4 * max(1.0, ref), (hyb.history[0]["kl"], ref)

@@ -5,10 +5,12 @@ residual-stream tap), ``_layout`` (which tokens are context), ``_records`` (Laye
 ``_identity`` (config hash, weight fingerprint), ``_files`` (the on-disk format), ``_step1_capture``,
 ``_moe``, ``_step2_patched``, ``_context_patches``, ``_extract`` (extract / verify / run_patched),
 ``_generate``, ``_shared_context`` (many queries and every prefix over one context pass), ``_dynamics``,
-``_static_patches``, ``_static_fit``. See docs/engine.md for the interface between the two steps.
+``_export`` (peft / merged exports), ``_static_patches``, ``_static_fit``, ``_distill`` (LoRA context
+distillation, the anchor for static adapters). See docs/engine.md for the interface between the two steps.
 """
 
 from ._context_patches import ContextPatches
+from ._distill import DistillResult, distill_lora
 from ._dynamics import PrefixDynamics, dynamics_from_patches, prefix_dynamics
 from ._extract import Verification, extract, reference_output, run_patched, verify
 from ._generate import GenerationResult, generate
@@ -32,4 +34,4 @@ __all__ = ["CaptureResult", "Targets", "capture_targets", "ContextPatches", "con
            "QueryLayout", "make_layout", "LayerPatch", "OutputPatch", "PatchMeta", "PatchedResult", "PatchSession",
            "patched_pass", "resolve_slot", "extract_many", "extract_prefixes", "extract_prefixes_naive",
            "packed_attention_mask", "packed_targets", "PrefixDynamics", "dynamics_from_patches", "prefix_dynamics",
-           "fit_static", "evaluate_static", "StaticPatches"]
+           "fit_static", "evaluate_static", "StaticPatches", "DistillResult", "distill_lora"]

@@ -21,6 +21,7 @@ stopping after block ℓ (≈ L/2 full passes in all), plus one K×K (or d×d) s
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -49,7 +50,7 @@ from ._static_patches import StaticPatches, static_hooks
 from ._step1_capture import capture_targets
 from ._step2_patched import resolve_slot
 
-__all__ = ["fit_static", "evaluate_static"]
+__all__ = ["fit_static", "evaluate_static", "QueryBatch", "query_batch", "teacher_logits"]
 
 
 class _Stop(Exception):
@@ -127,6 +128,33 @@ def _prefix_targets(model, ctx: Tensor, K: int, keep_prefix: int) -> tuple[list[
                           position_ids=torch.arange(keep_prefix, device=dev)[None])
     expand = [t.expand(K, *t.shape[1:]) for t in cap.targets.z], [t.expand(K, *t.shape[1:]) for t in cap.targets.r]
     return expand
+
+
+@dataclass
+class QueryBatch:
+    """Queries as the context-free model sees them: ``ids``/``pos`` (K, p+T) = [kept prefix, query] with their
+    positions; ``valid`` (K, T) marks the real query tokens; ``queries`` (K, T) the right-padded query ids."""
+
+    ids: Tensor
+    pos: Tensor
+    valid: Tensor
+    queries: Tensor
+    p: int
+
+
+def query_batch(model: nn.Module, ctx: Tensor, queries, keep_prefix: int = 0, renumber_positions: bool = False,
+                what: str = "evaluation") -> QueryBatch:
+    """Validate and pad ``queries`` and lay them out after the kept prefix (see :func:`fit_static`)."""
+    _check_prefix(ctx, keep_prefix)
+    q, valid = _queries(queries, model, what)
+    ids, pos, _ = _context_free_batch(model, ctx, q, valid, keep_prefix, renumber_positions)
+    dev = next(model.parameters()).device
+    return QueryBatch(ids, pos, valid.to(dev), q.to(dev), keep_prefix)
+
+
+def teacher_logits(model: nn.Module, ctx: Tensor, batch: QueryBatch) -> Tensor:
+    """(K, T, V) logits of every query token after the whole context (one packed with-context pass)."""
+    return _with_context_logits(model, ctx, list(batch.queries.unbind(0)))
 
 
 def _check_prefix(ctx: Tensor, keep_prefix: int) -> None:
