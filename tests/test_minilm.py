@@ -69,3 +69,19 @@ def test_a_capture_pass_reading_rotated_positions_fails_verify(loaded, monkeypat
     monkeypatch.setattr(ex, "capture_targets", lambda m, ids, index, **kw: real(m, ids, index.roll(1, dims=1), **kw))
     v = verify(model, enc["input_ids"], query=tt.bool(), token_type_ids=tt)
     assert v.max_abs_diff > 1e-2, v
+
+
+def test_minilm_instruction_prefix_compressed_into_the_encoder():
+    """Real weights: a static adapter of the prefix "Represent this sentence for retrieving supporting documents:"
+    (16 calibration sentences) brings held-out embeddings without the prefix closer to the with-prefix ones than
+    the no-prefix control, pooled over the sentence tokens and over all tokens (benchmarks/minilm_prefix.py)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from minilm_prefix import run
+
+    r = run(calibration=16, held_out=40, seed=0, ridge=1e-3, output_patch="auto")
+    for pool in ("cos_sentence_tokens", "cos_all_tokens"):
+        assert r[pool]["adapter"] > r[pool]["no_prefix"] + 0.05, (pool, r[pool])
+    assert r["nn_agreement_sentence_tokens"]["adapter"] > r["nn_agreement_sentence_tokens"]["no_prefix"]

@@ -252,3 +252,23 @@ def test_drop_in_mode_keeps_bos_and_runs_from_position_zero(arch, output_patch):
     assert fitted_positions["max_abs_diff"] > 1e-6                                 # a different input: reported apart
     with pytest.raises(ContextPatchError, match="keep_prefix"):
         fit_static(model, ctx, [q], keep_prefix=9)
+
+
+def test_encoder_prefix_is_reproduced_exactly_on_its_calibration_sentence():
+    """Bidirectional encoder (BERT): a prefix inserted after [CLS] changes every token. One calibration sentence,
+    weight slot, ridge 0: every kept token's key is interpolated, so the adapter on [CLS] s [SEP] at positions
+    0.. gives the with-prefix final states of all those tokens (plain forward pass with the prefix)."""
+    from contextpatch.engine import fit_static_encoder
+
+    model = tiny_model("bert", dtype=torch.float64, seed=0)
+    prefix, s = _ids((4,), 1), torch.cat([torch.tensor([1]), _ids((5,), 2), torch.tensor([2])])
+    static = fit_static_encoder(model, prefix, [s], output_patch="weight", ridge=0.0)
+    with torch.no_grad():
+        full = torch.cat([s[:1], prefix, s[1:]])[None]
+        ref = model(full).last_hidden_state[0, [0] + list(range(5, 11))]
+        plain = model(s[None]).last_hidden_state[0]
+        with static.applied(model):
+            out = model(s[None]).last_hidden_state[0]
+    assert float((out - ref).abs().max()) <= 1e-10 and float((plain - ref).abs().max()) > 1e-2
+    with pytest.raises(ContextPatchError, match="causal"):
+        fit_static_encoder(tiny_model("llama"), prefix, [s])

@@ -5,8 +5,9 @@ residual-stream tap), ``_layout`` (which tokens are context), ``_records`` (Laye
 ``_identity`` (config hash, weight fingerprint), ``_files`` (the on-disk format), ``_step1_capture``,
 ``_moe``, ``_step2_patched``, ``_context_patches``, ``_extract`` (extract / verify / run_patched),
 ``_generate``, ``_shared_context`` (many queries and every prefix over one context pass), ``_dynamics``,
-``_export`` (peft / merged exports), ``_static_patches``, ``_static_fit``, ``_distill`` (LoRA context
-distillation, the anchor for static adapters). See docs/engine.md for the interface between the two steps.
+``_export`` (peft / merged exports), ``_static_patches``, ``_static_fit``, ``_static_encoder`` (encoder
+prefixes), ``_distill`` (LoRA context distillation, the anchor for static adapters). See docs/engine.md for the
+interface between the two steps.
 """
 
 from ._context_patches import ContextPatches
@@ -24,6 +25,7 @@ from ._shared_context import (
     packed_attention_mask,
     packed_targets,
 )
+from ._static_encoder import fit_static_encoder
 from ._static_fit import evaluate_static, fit_static
 from ._static_patches import StaticPatches
 from ._step1_capture import CaptureResult, Targets, capture_targets
@@ -34,4 +36,5 @@ __all__ = ["CaptureResult", "Targets", "capture_targets", "ContextPatches", "con
            "QueryLayout", "make_layout", "LayerPatch", "OutputPatch", "PatchMeta", "PatchedResult", "PatchSession",
            "patched_pass", "resolve_slot", "extract_many", "extract_prefixes", "extract_prefixes_naive",
            "packed_attention_mask", "packed_targets", "PrefixDynamics", "dynamics_from_patches", "prefix_dynamics",
-           "fit_static", "evaluate_static", "StaticPatches", "DistillResult", "distill_lora"]
+           "fit_static", "evaluate_static", "StaticPatches", "DistillResult", "distill_lora",
+           "fit_static_encoder"]

@@ -50,7 +50,7 @@ from ._static_patches import StaticPatches, static_hooks
 from ._step1_capture import capture_targets
 from ._step2_patched import resolve_slot
 
-__all__ = ["fit_static", "evaluate_static", "QueryBatch", "query_batch", "teacher_logits"]
+__all__ = ["fit_static", "evaluate_static", "fit_layers", "check_rank", "QueryBatch", "query_batch", "teacher_logits"]
 
 
 class _Stop(Exception):
@@ -180,7 +180,7 @@ def _ridge(keys: Tensor, targets: Tensor, ridge: float, rank: int | None) -> Low
 
 
 def _fit_layer(model, block, lp: LayerPatch, zc: Tensor, rc: Tensor, ids, pos, valid, *, slot, conv1d, ridge, rank,
-               cd):
+               cd, attention_mask=None):
     """One context-free pass, stopped after block ℓ; fills ``lp`` (layer ℓ's patches) from inside the hooks."""
     state: dict[str, Tensor] = {}
     b = block
@@ -216,7 +216,7 @@ def _fit_layer(model, block, lp: LayerPatch, zc: Tensor, rc: Tensor, ids, pos, v
     elif slot == "scale":
         H.append(b.scale_norm.register_forward_hook(out_scale))
     try:
-        run_model(model, get_adapter(model), ids, position_ids=pos)
+        run_model(model, get_adapter(model), ids, position_ids=pos, attention_mask=attention_mask)
     except _Stop:
         pass
     finally:
@@ -225,6 +225,43 @@ def _fit_layer(model, block, lp: LayerPatch, zc: Tensor, rc: Tensor, ids, pos, v
     if not all(torch.isfinite(v).all() for v in lp.tensors().values()):
         raise ContextPatchError(f"layer {b.index}: the static fit produced NaN/inf (degenerate keys); "
                                 "use a positive ridge")
+
+
+def fit_layers(model: nn.Module, zc: list[Tensor], rc: list[Tensor], ids: Tensor, pos: Tensor, valid: Tensor, *,
+               slot: str, ridge: float, rank: int | None, attention_mask: Tensor | None = None,
+               progress: Callable[[int], None] | None = None) -> list[LayerPatch]:
+    """The layer-by-layer ridge fit: block ℓ is fitted on the context-free states that the already fitted
+    blocks < ℓ produce (their patches applied), against the with-context targets ``zc[ℓ]``, ``rc[ℓ]``."""
+    adapter = get_adapter(model)
+    cd = compute_dtype(next(model.parameters()).dtype)
+    blocks = adapter.resolve(model)
+    layers = [LayerPatch() for _ in blocks]
+    handles = static_hooks(model, layers, slot)      # applies layers < ℓ (and ℓ's inputs once fitted)
+    try:
+        for b in blocks:
+            _fit_layer(model, b, layers[b.index], zc[b.index], rc[b.index], ids, pos, valid, slot=slot,
+                       conv1d=adapter.conv1d, ridge=ridge, rank=rank, cd=cd, attention_mask=attention_mask)
+            if progress is not None:
+                progress(b.index)
+    finally:
+        for h in handles:
+            h.remove()
+    return layers
+
+
+def check_rank(model: nn.Module, rank: int | None) -> None:
+    """``rank`` is None or 1..min(d_out, d_in) of every patched matrix."""
+    if rank is None:
+        return
+    if rank < 1:
+        raise ContextPatchError(f"rank must be ≥ 1 (or None for full rank), got {rank}")
+    adapter = get_adapter(model)
+    b0 = adapter.resolve(model)[0]
+    for name, mod in list(b0.inputs.items()) + ([("output", b0.output)] if b0.output is not None else []):
+        d_out, d_in = linear_weight(mod, adapter.conv1d).shape
+        if rank > min(d_out, d_in):
+            raise ContextPatchError(f"rank={rank} exceeds the {d_out}×{d_in} matrix {name}: at most "
+                                    f"{min(d_out, d_in)} (or rank=None for full rank)")
 
 
 def fit_static(model: nn.Module, context_ids: Tensor, calibration_queries: Sequence[Tensor] | Tensor, *,
@@ -259,20 +296,11 @@ def fit_static(model: nn.Module, context_ids: Tensor, calibration_queries: Seque
     ctx = check_context(model, adapter, context_ids)
     if not ridge >= 0:
         raise ContextPatchError(f"ridge must be ≥ 0, got {ridge}")
-    if rank is not None and rank < 1:
-        raise ContextPatchError(f"rank must be ≥ 1 (or None for full rank), got {rank}")
-    if rank is not None:
-        b0 = adapter.resolve(model)[0]
-        for name, mod in list(b0.inputs.items()) + ([("output", b0.output)] if b0.output is not None else []):
-            d_out, d_in = linear_weight(mod, adapter.conv1d).shape
-            if rank > min(d_out, d_in):
-                raise ContextPatchError(f"rank={rank} exceeds the {d_out}×{d_in} matrix {name}: at most "
-                                        f"{min(d_out, d_in)} (or rank=None for full rank)")
+    check_rank(model, rank)
     slot = resolve_slot(adapter, model, output_patch)
     if slot == "stable":       # the stable variant is a per-token construction; a static fit uses the scale slot
         slot = "scale"
     ids, valid = _queries(calibration_queries, model, "calibration")
-    cd = compute_dtype(next(model.parameters()).dtype)
     _check_prefix(ctx, keep_prefix)
     zc, rc, _ = _packed(model, ctx, ids, need_output=False)
     if keep_prefix:
@@ -280,18 +308,7 @@ def fit_static(model: nn.Module, context_ids: Tensor, calibration_queries: Seque
         zc = [torch.cat([a.to(b.device), b], 1) for a, b in zip(pz, zc, strict=True)]
         rc = [torch.cat([a.to(b.device), b], 1) for a, b in zip(pr, rc, strict=True)]
     ids, pos, valid = _context_free_batch(model, ctx, ids, valid, keep_prefix, renumber_positions)
-    blocks = adapter.resolve(model)
-    layers = [LayerPatch() for _ in blocks]
-    handles = static_hooks(model, layers, slot)      # applies layers < ℓ (and ℓ's inputs once fitted)
-    try:
-        for b in blocks:
-            _fit_layer(model, b, layers[b.index], zc[b.index], rc[b.index], ids, pos, valid, slot=slot,
-                       conv1d=adapter.conv1d, ridge=float(ridge), rank=rank, cd=cd)
-            if progress is not None:
-                progress(b.index)
-    finally:
-        for h in handles:
-            h.remove()
+    layers = fit_layers(model, zc, rc, ids, pos, valid, slot=slot, ridge=float(ridge), rank=rank, progress=progress)
     meta = build_meta(model, adapter, slot, kind="static",
                       variant="static adapter: ridge least squares over calibration tokens",
                       context_ids=[int(t) for t in ctx.tolist()], context_length=int(ctx.numel()),
