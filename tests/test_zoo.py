@@ -77,6 +77,15 @@ def test_instruction_answers_follow_the_mode():
             assert [int(t) for t in a.split()] == want
 
 
+def test_copy_warmup_repeats_its_sequence():
+    from contextpatch.zoo.tasks import CopyTask
+
+    ex = CopyTask().sample(np.random.default_rng(4), 0)
+    first = ex.context.split()[:-1]
+    (q, a), = ex.pairs
+    assert [q, *a.split()] == first and ex.text().split() == first + [";"] + first + [";"]
+
+
 def test_tokenizer_round_trip(tmp_path):
     from transformers import AutoTokenizer
 

@@ -7,7 +7,9 @@ tokenizer is word-level, so one word = one token). Answers are scored by exact m
   ``slopes``, ``b`` uniform in ``0..p-1``) and shown by ``k`` demonstrations ``x -> y ;``. A fraction ``noise``
   of the demonstrations carries a wrong ``y``, so a single demonstration is not enough: the model has to
   combine (vote over) several. Query ``x`` values never occur among the demonstrations' ``x``, so an answer is
-  never a copy of a demonstration answer. Example (``p=13``, ``y = x + 4``)::
+  never a copy of a demonstration answer. Default ``p=11``, ``slopes=(1,)`` (a shift), ``noise=0.1``; the
+  affine variant ``slopes=(1, p-1)`` or ``range(1, p)`` is harder (docs/zoo.md). Example (``p=13``,
+  ``y = x + 4``)::
 
       3 -> 7 ; 10 -> 1 ; 5 -> 2 ; 0 -> 4 ;   6 -> 10 ;      (5 -> 2 is a noisy demonstration)
 
@@ -92,9 +94,9 @@ class Example:
 class FunctionTask:
     """``y = a·x + b mod p`` with ``a`` in ``slopes``; each demonstration is wrong with probability ``noise``."""
 
-    p: int = 13
-    slopes: tuple[int, ...] = (1, 12)
-    noise: float = 0.2
+    p: int = 11
+    slopes: tuple[int, ...] = (1,)
+    noise: float = 0.1
     family: str = "function"
 
     def chance(self) -> float:
@@ -173,6 +175,27 @@ class InstructionTask:
         context = " ".join([head] + [f"{q} {a} ;" for q, a, _ in demos])
         pairs = [self._pair(rng, mode) for _ in range(n_queries)]
         return Example(family=self.family, shots=shots, context=context, pairs=pairs, head=head, demos=demos)
+
+
+@dataclass(frozen=True, kw_only=True)
+class CopyTask:
+    """Training-only warm-up: a random word sequence, ``;``, then the same sequence again (every word of the
+    repeat after the first is an induction target: find the earlier occurrence, copy what followed it).
+    Words are the keys and values of ``facts``, so the copy mechanism is the one fact recall needs."""
+
+    min_len: int = 6
+    max_len: int = 48
+    family: str = "copy"
+
+    def chance(self) -> float:
+        return 1.0 / (KEYS + VALUES)
+
+    def sample(self, rng: np.random.Generator, shots: int, n_queries: int = 1) -> Example:
+        n = int(rng.integers(self.min_len, self.max_len + 1))
+        words = [f"k{i}" for i in range(KEYS)] + [f"v{i}" for i in range(VALUES)]
+        seq = [words[i] for i in rng.integers(len(words), size=n)]
+        return Example(family=self.family, shots=n, context=" ".join(seq) + " ;",
+                       pairs=[(seq[0], " ".join(seq[1:]))])
 
 
 def make_task(family: str) -> FunctionTask | FactsTask | InstructionTask:
