@@ -1,0 +1,52 @@
+"""The training configuration of a zoo model (shared by training, evaluation and the registry of recipes)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+
+__all__ = ["ZOO_FORMAT", "TrainConfig"]
+
+ZOO_FORMAT = 1
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """Everything that determines a training run (recorded in ``zoo.json`` and in checkpoints)."""
+
+    name: str = "icl-llama"
+    arch: str = "llama"
+    width: int | None = None  # None: the architecture's default (models.py)
+    layers: int | None = None
+    seed: int = 0
+    steps: int = 1000
+    batch_size: int = 16
+    lr: float = 2e-3
+    warmup_steps: int = 50
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    # "copy" is the training-only induction warm-up (tasks.CopyTask); without it facts stalls (docs/zoo.md)
+    mix: tuple[tuple[str, float], ...] = (("function", 0.3), ("facts", 0.25), ("copy", 0.15), ("instruction", 0.3))
+    max_shots: int = 32
+    curriculum_start: int = 2  # max shots at step 0 (ramps to max_shots)
+    curriculum_frac: float = 0.5  # fraction of the steps the ramp takes (0 = no curriculum)
+    queries: int = 8  # queries per training sequence (facts: at most one per fact)
+    demo_targets: bool = True
+    function_p: int = 11
+    function_slopes: tuple[int, ...] = (1,)
+    function_noise: float = 0.1
+    probe: bool = False  # a short probe run, not the full recipe
+
+    def to_dict(self) -> dict:
+        return json.loads(json.dumps(asdict(self)))
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        d = {k: v for k, v in d.items() if k in known}
+        if "mix" in d:
+            d["mix"] = tuple((str(f), float(w)) for f, w in d["mix"])
+        if "function_slopes" in d:
+            d["function_slopes"] = tuple(int(a) for a in d["function_slopes"])
+        return cls(**d)

@@ -1,0 +1,174 @@
+"""Training a zoo model on CPU: AdamW, cosine learning rate with linear warmup, answer-only loss.
+
+Loss (answer-only): ``L = Σ_t w_t · CE(logits_{t-1}, ids_t) / Σ_t w_t`` with ``w_t = 1`` on answer tokens
+(queries' answers, and the clean demonstration answers of ``function``/``instruction`` when ``demo_targets``),
+0 elsewhere. Learning rate at step ``s`` (of ``S``): ``lr·s/W`` for ``s < W``, then
+``lr·(r + (1-r)·(1 + cos(π·(s-W)/(S-W)))/2)`` with ``r = min_lr_ratio``.
+
+Resumable: ``OUT/checkpoint/state.pt`` holds model + optimizer + torch RNG state + step + config + elapsed time
+(one file, written atomically). Data is a pure function of ``(seed, step)``, so resuming is bit-exact.
+The result is a standard HF folder: ``config.json``, ``model.safetensors`` (float32), tokenizer files and
+``zoo.json`` (config, seed, steps, wall time, tokens/s, final metrics).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from .._errors import ContextPatchError
+from .._io import atomic_write_json, atomic_write_with, ensure_out_dir
+from .config import ZOO_FORMAT, TrainConfig
+from .data import sample_batch, tasks_for
+from .models import count_params, make_model
+
+__all__ = ["TrainConfig", "train", "lr_at", "loss_fn", "estimate_steps", "ZOO_FORMAT"]
+
+def lr_at(cfg: TrainConfig, step: int) -> float:
+    """Warmup then cosine decay to ``lr·min_lr_ratio`` (formula in the module docstring)."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    f = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    r = cfg.min_lr_ratio
+    return cfg.lr * (r + (1 - r) * 0.5 * (1 + math.cos(math.pi * min(1.0, f))))
+
+
+def loss_fn(model: torch.nn.Module, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Weighted next-token cross-entropy (answer-only when weights are 0/1 answer masks)."""
+    logits = model(input_ids=ids).logits[:, :-1]
+    ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1),
+                                           reduction="none")
+    w = weights[:, 1:].reshape(-1)
+    return (ce * w).sum() / w.sum().clamp_min(1.0)
+
+
+def _make(cfg: TrainConfig):
+    model = make_model(cfg.arch, seed=cfg.seed, width=cfg.width, layers=cfg.layers)
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    other = [p for n, p in model.named_parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": other, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98))
+    return model, opt
+
+
+def _diff(a: dict, b: dict) -> str:
+    keys = sorted(set(a) | set(b))
+    return ", ".join(f"{k}: {a.get(k)!r} (checkpoint) vs {b.get(k)!r} (now)" for k in keys if a.get(k) != b.get(k))
+
+
+def _save_checkpoint(path: Path, model, opt, step: int, cfg: TrainConfig, elapsed: float, tokens: int,
+                     history: list) -> None:
+    state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "torch_rng": torch.get_rng_state(),
+             "step": step, "config": cfg.to_dict(), "elapsed": elapsed, "tokens": tokens, "history": history}
+    atomic_write_with(path / "state.pt", lambda p: torch.save(state, p))
+
+
+def estimate_steps(cfg: TrainConfig, minutes: float, *, probe_steps: int = 5) -> int:
+    """Steps that fit in ``minutes`` on this machine: times ``probe_steps`` steps (after one untimed step)
+    spread over the curriculum on a throwaway model, then scales; the final evaluation is not counted."""
+    from dataclasses import replace
+
+    model, opt = _make(cfg)
+    nominal = replace(cfg, steps=1000)
+    tasks = tasks_for(cfg)
+    at = [0] + [int(1000 * (i + 0.5) / probe_steps) for i in range(probe_steps)]
+    t0 = 0.0
+    for i, s in enumerate(at):
+        if i == 1:
+            t0 = time.perf_counter()
+        ids, w = sample_batch(nominal, s, tasks)
+        loss_fn(model, ids, w).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    per_step = (time.perf_counter() - t0) / probe_steps
+    return max(cfg.warmup_steps + 1, int(minutes * 60 / per_step))
+
+
+def train(cfg: TrainConfig, out: Path | str, *, resume: bool = False, progress: bool = True,
+          checkpoint_every: int = 100, eval_examples: int = 50, on_step=None) -> dict:
+    """Train ``cfg`` into the HF folder ``out`` (checkpoint in ``out/checkpoint``); returns the zoo.json dict.
+
+    ``resume``: continue from ``out/checkpoint/state.pt``; a checkpoint written with another config raises
+    ``ContextPatchError`` naming the differing fields. ``eval_examples`` per (family, shots) point of the
+    final evaluation (0 skips it). ``on_step(step, loss)`` is called after every step (tests, logging).
+    """
+    from tqdm.auto import tqdm
+
+    out = ensure_out_dir(out)
+    ck = out / "checkpoint"
+    model, opt = _make(cfg)
+    step, elapsed, tokens, history = 0, 0.0, 0, []
+    if resume:
+        if not (ck / "state.pt").is_file():
+            raise ContextPatchError(f"--resume: no checkpoint at {ck / 'state.pt'} (train without --resume first)")
+        state = torch.load(ck / "state.pt", map_location="cpu", weights_only=False)
+        if state["config"] != cfg.to_dict():
+            raise ContextPatchError(f"cannot resume from {ck}: it was written with a different configuration "
+                                    f"({_diff(state['config'], cfg.to_dict())}); use the same settings or "
+                                    f"another output folder")
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["torch_rng"])
+        step, elapsed, tokens, history = state["step"], state["elapsed"], state["tokens"], state["history"]
+    tasks = tasks_for(cfg)
+    model.train()
+    bar = tqdm(total=cfg.steps, initial=step, disable=not progress, desc=cfg.name, dynamic_ncols=True)
+    t0 = time.perf_counter() - elapsed
+    while step < cfg.steps:
+        ids, w = sample_batch(cfg, step, tasks)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(cfg, step)
+        loss = loss_fn(model, ids, w)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        tokens += int((ids != 0).sum())
+        lv = float(loss.detach())
+        if step % 10 == 0 or step == cfg.steps:
+            history.append([step, round(lv, 5), round(time.perf_counter() - t0, 2)])
+        bar.update(1)
+        bar.set_postfix(loss=f"{lv:.3f}", tok_s=f"{tokens / max(1e-9, time.perf_counter() - t0):.0f}")
+        if step % checkpoint_every == 0 or step == cfg.steps:
+            _save_checkpoint(ck, model, opt, step, cfg, time.perf_counter() - t0, tokens, history)
+        if on_step is not None:
+            on_step(step, lv)
+    bar.close()
+    wall = time.perf_counter() - t0
+    return finish(model, cfg, out, wall=wall, tokens=tokens, history=history, eval_examples=eval_examples)
+
+
+def finish(model, cfg: TrainConfig, out: Path, *, wall: float, tokens: int, history: list,
+           eval_examples: int = 50) -> dict:
+    """Evaluate and write the HF folder (files saved in a temp folder, then each moved into place)."""
+    from .evaluate import evaluate_model, plot
+    from .tokenizer import make_tokenizer
+
+    model.eval()
+    metrics = evaluate_model(model, name=cfg.name, n=eval_examples) if eval_examples > 0 else None
+    meta = {"zoo_format": ZOO_FORMAT, "name": cfg.name, "arch": cfg.arch, "probe": cfg.probe, "seed": cfg.seed,
+            "steps": cfg.steps, "parameters": count_params(model), "wall_seconds": round(wall, 1),
+            "tokens_seen": tokens, "tokens_per_second": round(tokens / max(wall, 1e-9), 1),
+            "torch_threads": torch.get_num_threads(), "config": cfg.to_dict(), "metrics": metrics,
+            "loss_history": history}
+    with tempfile.TemporaryDirectory(dir=out, prefix=".save-") as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        make_tokenizer().save_pretrained(tmp)
+        for f in os.listdir(tmp):
+            os.replace(os.path.join(tmp, f), out / f)
+    atomic_write_json(out / "zoo.json", meta)
+    if metrics is not None:
+        plot(metrics, out / "accuracy.png")
+    return meta
+
+
+def remove_checkpoint(out: Path | str) -> None:
+    """Delete ``out/checkpoint`` (what ships is the HF folder only)."""
+    shutil.rmtree(Path(out) / "checkpoint", ignore_errors=True)

@@ -1,0 +1,184 @@
+"""contextpatch.zoo: task generators, tokenizer, training (loss, resume), registry errors, evaluation shape."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from contextpatch import ContextPatchError
+from contextpatch.zoo import evaluate, list_models, make_tokenizer, path, train
+from contextpatch.zoo.data import sample_batch
+from contextpatch.zoo.tasks import FactsTask, FunctionTask, InstructionTask, vocabulary
+from contextpatch.zoo.tokenizer import encode_words
+from contextpatch.zoo.train import TrainConfig, loss_fn
+
+TINY = TrainConfig(name="tiny", arch="llama", width=32, layers=1, steps=6, batch_size=4, warmup_steps=2,
+                   max_shots=4, curriculum_start=2, queries=2)
+
+
+def _pairs(line: str, sep: str) -> list[tuple[list[str], list[str]]]:
+    out = []
+    for item in line.split(";"):
+        if item.strip():
+            q, a = item.split(sep)
+            out.append((q.split(), a.split()))
+    return out
+
+
+@pytest.mark.parametrize("task", [FunctionTask(), FactsTask(), InstructionTask()])
+def test_generators_are_deterministic_per_seed(task):
+    a = [task.sample(np.random.default_rng(7), k, n_queries=3) for k in (0, 3, 9)]
+    b = [task.sample(np.random.default_rng(7), k, n_queries=3) for k in (0, 3, 9)]
+    c = [task.sample(np.random.default_rng(8), k, n_queries=3) for k in (0, 3, 9)]
+    assert a == b and a != c
+    assert all(w in vocabulary() for ex in a for w in ex.text().split())
+
+
+def test_function_answers_follow_one_affine_rule_and_are_not_copied():
+    task = FunctionTask(p=13, slopes=(1, 12), noise=0.2)
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        ex = task.sample(rng, 24, n_queries=3)
+        demos = [(int(q[0]), int(a[0])) for q, a in _pairs(ex.context, "->")]
+        queries = [(int(q.split()[0]), int(a)) for q, a in ex.pairs]
+        # independent check: some rule (a, b) fits every query and at least the clean demonstrations
+        fits = [(a, b) for a in (1, 12) for b in range(13) if all((a * x + b) % 13 == y for x, y in queries)]
+        assert fits
+        a, b = max(fits, key=lambda r: sum((r[0] * x + r[1]) % 13 == y for x, y in demos))
+        clean = [(a * x + b) % 13 == y for x, y in demos]
+        assert clean == [c for _, _, c in ex.demos]
+        assert {x for x, _ in queries}.isdisjoint(x for x, _ in demos)  # answers never copied from a demo
+    assert task.chance() == pytest.approx(1 / 13)
+
+
+def test_facts_answers_are_the_context_values():
+    rng = np.random.default_rng(1)
+    for k in (1, 5, 32):
+        ex = FactsTask().sample(rng, k, n_queries=4)
+        facts = dict(item.split() for item in ex.context.split(";") if item.strip())
+        assert len(facts) == k
+        assert all(facts[q] == a for q, a in ex.pairs)
+
+
+def test_instruction_answers_follow_the_mode():
+    rng = np.random.default_rng(2)
+    for _ in range(40):
+        ex = InstructionTask().sample(rng, 3, n_queries=3)
+        mode = ex.context.split(";")[0].split(" ", 1)[1].strip()
+        for q, a in ex.pairs + [(q, a) for q, a, _ in ex.demos]:
+            xs = [int(t) for t in q.split()[:-1]]
+            want = {"sort": sorted(xs), "reverse": xs[::-1], "rotate": xs[1:] + xs[:1]}.get(mode)
+            if want is None:
+                want = [(x + int(mode.split()[1])) % 10 for x in xs]
+            assert [int(t) for t in a.split()] == want
+
+
+def test_copy_warmup_repeats_its_sequence():
+    from contextpatch.zoo.tasks import CopyTask
+
+    ex = CopyTask().sample(np.random.default_rng(4), 0)
+    first = ex.context.split()[:-1]
+    (q, a), = ex.pairs
+    assert [q, *a.split()] == first and ex.text().split() == first + [";"] + first + [";"]
+
+
+def test_tokenizer_round_trip(tmp_path):
+    from transformers import AutoTokenizer
+
+    tok = make_tokenizer()
+    tok.save_pretrained(tmp_path)
+    tok2 = AutoTokenizer.from_pretrained(tmp_path)
+    ex = InstructionTask().sample(np.random.default_rng(3), 2, n_queries=2)
+    for text in (ex.text(), "k3 v7 ; k3 v7 ;", "4 -> 9 ;"):
+        ids = tok2(text).input_ids
+        assert ids == encode_words(text) == tok(text).input_ids
+        assert tok2.decode(ids, skip_special_tokens=True) == text
+    assert len(tok2) == len(vocabulary())
+
+
+def test_tiny_model_loss_decreases():
+    torch.manual_seed(0)
+    cfg = replace(TINY, steps=40, lr=3e-3, width=48)
+    from contextpatch.zoo.train import _make
+
+    model, opt = _make(cfg)
+    ids, w = sample_batch(cfg, 0)
+    first = float(loss_fn(model, ids, w).detach())
+    for _ in range(40):  # fit one fixed batch: the loss must fall
+        loss = loss_fn(model, ids, w)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert float(loss_fn(model, ids, w).detach()) < 0.7 * first
+
+
+def test_resume_is_bit_exact_and_refuses_another_config(tmp_path):
+    straight = train(TINY, tmp_path / "a", progress=False, eval_examples=0)
+    train(replace(TINY, steps=3), tmp_path / "b", progress=False, eval_examples=0)
+    # the 3-step checkpoint has another config: clear error naming the field
+    with pytest.raises(ContextPatchError, match="steps"):
+        train(TINY, tmp_path / "b", resume=True, progress=False, eval_examples=0)
+    # same config, interrupted after 3 steps (checkpoint_every=3 and a stop), then resumed
+    class Stop(Exception):
+        pass
+
+    def stop(step, _loss):
+        if step == 3:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train(TINY, tmp_path / "c", progress=False, eval_examples=0, checkpoint_every=3, on_step=stop)
+    resumed = train(TINY, tmp_path / "c", resume=True, progress=False, eval_examples=0)
+    assert resumed["steps"] == straight["steps"] == 6
+    from safetensors.torch import load_file
+
+    sa, sc = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "c" / "model.safetensors")
+    assert sa.keys() == sc.keys() and all(torch.equal(sa[k], sc[k]) for k in sa)
+    with pytest.raises(ContextPatchError, match="no checkpoint"):
+        train(TINY, tmp_path / "d", resume=True, progress=False)
+
+
+def test_registry_errors_list_available_models():
+    assert list_models() == ["icl-gpt2", "icl-llama"]
+    with pytest.raises(ContextPatchError, match="icl-gpt2, icl-llama"):
+        path("icl-nope")
+
+
+def test_eval_json_shape_and_cli(tmp_path):
+    from typer.testing import CliRunner
+
+    from contextpatch.cli import app
+
+    meta = train(replace(TINY, steps=2), tmp_path / "m", progress=False, eval_examples=0)
+    assert meta["parameters"] > 0 and json.loads((tmp_path / "m" / "zoo.json").read_text())["name"] == "tiny"
+    res = evaluate(tmp_path / "m", n=3, out=tmp_path / "ev")
+    assert set(res) == {"model", "families"} and res["model"] == "tiny"
+    assert set(res["families"]) == {"function", "facts", "instruction"}
+    for r in res["families"].values():
+        assert set(r) == {"with_context", "without_context", "chance", "by_shots"}
+        assert all(0.0 <= v <= 1.0 for v in [r["with_context"], r["without_context"], *r["by_shots"].values()])
+    assert (tmp_path / "ev" / "accuracy.png").stat().st_size > 0
+    run = CliRunner().invoke(app, ["zoo", "eval", str(tmp_path / "m"), "--json", "--examples", "2"])
+    assert run.exit_code == 0, run.output
+    assert set(json.loads(run.stdout)["families"]["facts"]["by_shots"]) == {"1", "2", "4", "8", "16", "32"}
+    # not a zoo model: one clear error, no traceback
+    (tmp_path / "m" / "zoo.json").unlink()
+    run = CliRunner().invoke(app, ["zoo", "eval", str(tmp_path / "m")])
+    flat = " ".join(run.output.split())  # rich wraps long lines
+    assert run.exit_code == 2 and "not a zoo model" in flat and "Traceback" not in flat
+    run = CliRunner().invoke(app, ["zoo", "eval", "icl-nope"])
+    assert run.exit_code == 2 and "icl-gpt2, icl-llama" in " ".join(run.output.split())
+    for cmd in (["zoo", "--help"], ["zoo", "list", "--help"], ["zoo", "train", "--help"], ["zoo", "eval", "--help"]):
+        assert CliRunner().invoke(app, cmd).exit_code == 0
+
+
+def test_gpt2_twin_builds_with_4096_positions():
+    from contextpatch.zoo.models import make_config
+
+    assert make_config("gpt2").n_positions == 4096 and make_config("llama").max_position_embeddings == 4096
+    with pytest.raises(ContextPatchError, match="llama, gpt2"):
+        make_config("bert")
