@@ -21,6 +21,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+import bench_compressed_inference  # noqa: E402
 import bench_extraction  # noqa: E402
 import bench_many_queries  # noqa: E402
 import bench_prefix_dynamics  # noqa: E402
@@ -42,7 +43,7 @@ def main() -> int:
     torch.set_num_threads(a.threads)
     print(f"machine: {machine()}; commit {git_rev()}")
     rows = []
-    for mod in (bench_extraction, bench_many_queries, bench_prefix_dynamics):
+    for mod in (bench_extraction, bench_many_queries, bench_prefix_dynamics, bench_compressed_inference):
         rows += mod.main(quick=a.quick)
     if a.quick:
         print("\nquick smoke run finished: every benchmark ran (ratios on a tiny model are not measurements)")
