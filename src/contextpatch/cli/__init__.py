@@ -6,6 +6,7 @@ from . import (
     _experiments,  # noqa: F401  (registers reproduce, experiment, train)
     _hf,  # noqa: F401  (registers extract, verify)
     _static,  # noqa: F401  (registers compress)
+    _study,  # noqa: F401  (registers study)
     _zoo,  # noqa: F401  (registers zoo list|train|eval)
 )
 from ._app import app

@@ -18,6 +18,8 @@ class TrainConfig:
     arch: str = "llama"
     width: int | None = None  # None: the architecture's default (models.py)
     layers: int | None = None
+    heads: int | None = None
+    mlp: int | None = None  # MLP hidden size (None: Llama 2·width, GPT-2 4·width)
     seed: int = 0
     steps: int = 1000
     batch_size: int = 16

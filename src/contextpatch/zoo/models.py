@@ -20,7 +20,8 @@ ARCHS = ("llama", "gpt2")
 MAX_POSITIONS = 4096
 
 
-def make_config(arch: str, *, width: int | None = None, layers: int | None = None, heads: int | None = None):
+def make_config(arch: str, *, width: int | None = None, layers: int | None = None, heads: int | None = None,
+                mlp: int | None = None):
     """The ``transformers`` config of ``arch`` (``llama`` or ``gpt2``)."""
     import transformers as tf
 
@@ -31,23 +32,24 @@ def make_config(arch: str, *, width: int | None = None, layers: int | None = Non
     if arch == "llama":
         d = width or 256
         h = heads or max(1, d // 32)
-        return tf.LlamaConfig(hidden_size=d, intermediate_size=2 * d, num_hidden_layers=layers or 4,
+        return tf.LlamaConfig(hidden_size=d, intermediate_size=mlp or 2 * d, num_hidden_layers=layers or 4,
                               num_attention_heads=h, num_key_value_heads=h,
                               max_position_embeddings=MAX_POSITIONS, rms_norm_eps=1e-5, rope_theta=10000.0,
                               tie_word_embeddings=False, attn_implementation="eager", **common)
     if arch == "gpt2":
         d = width or 224
         return tf.GPT2Config(n_embd=d, n_layer=layers or 4, n_head=heads or max(1, d // 56), n_positions=MAX_POSITIONS,
+                             n_inner=mlp,
                              resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, attn_implementation="eager", **common)
     raise ContextPatchError(f"unknown architecture {arch!r}; architectures: {', '.join(ARCHS)}")
 
 
 def make_model(arch: str, *, seed: int, width: int | None = None, layers: int | None = None,
-               heads: int | None = None) -> torch.nn.Module:
+               heads: int | None = None, mlp: int | None = None) -> torch.nn.Module:
     """A freshly initialised float32 model (``torch.manual_seed(seed)`` before construction)."""
     import transformers as tf
 
-    cfg = make_config(arch, width=width, layers=layers, heads=heads)
+    cfg = make_config(arch, width=width, layers=layers, heads=heads, mlp=mlp)
     torch.manual_seed(seed)
     cls = tf.LlamaForCausalLM if arch == "llama" else tf.GPT2LMHeadModel
     return cls(cfg).float()

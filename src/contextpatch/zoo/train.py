@@ -28,7 +28,7 @@ from .config import ZOO_FORMAT, TrainConfig
 from .data import sample_batch, tasks_for
 from .models import count_params, make_model
 
-__all__ = ["TrainConfig", "train", "lr_at", "loss_fn", "estimate_steps", "ZOO_FORMAT"]
+__all__ = ["TrainConfig", "train", "lr_at", "loss_fn", "estimate_steps", "checkpoint_model", "ZOO_FORMAT"]
 
 def lr_at(cfg: TrainConfig, step: int) -> float:
     """Warmup then cosine decay to ``lr·min_lr_ratio`` (formula in the module docstring)."""
@@ -49,7 +49,8 @@ def loss_fn(model: torch.nn.Module, ids: torch.Tensor, weights: torch.Tensor) ->
 
 
 def _make(cfg: TrainConfig):
-    model = make_model(cfg.arch, seed=cfg.seed, width=cfg.width, layers=cfg.layers)
+    model = make_model(cfg.arch, seed=cfg.seed, width=cfg.width, layers=cfg.layers, heads=cfg.heads, mlp=cfg.mlp)
+    model.set_attn_implementation("sdpa")  # training only (≈1.3× faster on CPU); saved and shipped as eager
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     other = [p for n, p in model.named_parameters() if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
@@ -152,6 +153,7 @@ def finish(model, cfg: TrainConfig, out: Path, *, wall: float, tokens: int, hist
     from .tokenizer import make_tokenizer
 
     model.eval()
+    model.set_attn_implementation("eager")
     metrics = evaluate_model(model, name=cfg.name, n=eval_examples) if eval_examples > 0 else None
     meta = {"zoo_format": ZOO_FORMAT, "name": cfg.name, "arch": cfg.arch, "probe": cfg.probe, "seed": cfg.seed,
             "steps": cfg.steps, "parameters": count_params(model), "wall_seconds": round(wall, 1),
@@ -172,3 +174,16 @@ def finish(model, cfg: TrainConfig, out: Path, *, wall: float, tokens: int, hist
 def remove_checkpoint(out: Path | str) -> None:
     """Delete ``out/checkpoint`` (what ships is the HF folder only)."""
     shutil.rmtree(Path(out) / "checkpoint", ignore_errors=True)
+
+
+def checkpoint_model(out: Path | str) -> tuple[torch.nn.Module, dict]:
+    """(eager float32 model in eval mode, checkpoint summary) from ``out/checkpoint/state.pt`` of a run in
+    progress, e.g. to evaluate a model while it trains."""
+    state_path = Path(out) / "checkpoint" / "state.pt"
+    if not state_path.is_file():
+        raise ContextPatchError(f"no checkpoint at {state_path}")
+    state = torch.load(state_path, map_location="cpu", weights_only=False)
+    cfg = TrainConfig.from_dict(state["config"])
+    model = make_model(cfg.arch, seed=cfg.seed, width=cfg.width, layers=cfg.layers, heads=cfg.heads, mlp=cfg.mlp)
+    model.load_state_dict(state["model"])
+    return model.eval(), {"step": state["step"], "elapsed": state["elapsed"], "config": cfg.to_dict()}
