@@ -1,8 +1,9 @@
 """What a compressed context saves at inference: greedy generation with the context in the prompt vs a static adapter.
 
 Workload: greedy generation of 64 new tokens (``min_new_tokens = max_new_tokens = 64``, KV cache on) after a
-16-token query, on a zoo Llama (``icl-llama`` if shipped, else a random-weight Llama of the same shape: 4 layers,
-d = 256, vocab 108, float32, eager), CPU, at context lengths 256, 1024 and 4096:
+16-token query, on a zoo Llama (``icl-llama`` if shipped, else a random-weight Llama stand-in: 4 layers, d = 256,
+vocab 108, float32, eager), CPU, at context lengths 256, 1024 and 4096. The context is zoo text: ``<bos> mode:
+reverse ;`` and list => list demonstrations up to the length; query and calibration queries are more pairs:
 
     (a) with context: the plain model on [context, query] (the context lives in the prompt and its KV cache)
     (b) hooked:       the plain model on [BOS, query] inside ``static.applied(model)`` (the static adapter as hooks)
@@ -18,7 +19,8 @@ keep_prefix=1, renumber_positions=True)`` (the drop-in setting: the context-free
     greedy tokens of (b) and (c) agree      bar ≥ 0.95 of the tokens (correctness: same function up to rounding)
 
 Times are the best of 3 (--quick: 1) after a warm-up and include the prefill; tokens/s = 64 / time. Peak memory is
-``_common.peak_memory`` (fresh child per workload: resident-set increase during one generation, weights excluded).
+``_common.peak_memory`` (fresh child per workload: resident-set increase during one generation, weights excluded;
+not measured under --quick, where it would dominate the run time).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from _common import best_time, ids, peak_memory, report, run_script
+from _common import best_time, peak_memory, report, run_script
 
 from contextpatch import fit_static
 
@@ -75,18 +77,33 @@ def _bos(model) -> int:
     return 1 if b is None else int(b)
 
 
+def _instruction_tokens(n: int, seed: int, *, head: bool) -> torch.Tensor:
+    """``n`` tokens of zoo instruction text (``mode: reverse ;`` first when ``head``, then list => list pairs)."""
+    import numpy as np
+
+    from contextpatch.zoo.tasks import InstructionTask
+    from contextpatch.zoo.tokenizer import encode_words
+
+    rng = np.random.default_rng(seed)
+    task = InstructionTask(modes=("reverse",))
+    words = ["mode:", "reverse", ";"] if head else []
+    while len(words) < n:
+        q, a = task._pair(rng, "reverse")
+        words += f"{q} {a} ;".split()
+    return torch.tensor(encode_words(" ".join(words[:n]), bos=False))
+
+
 def _context(model, n: int) -> torch.Tensor:
-    c = ids(n, model.config.vocab_size, seed=10 + n)
-    c[0] = _bos(model)
-    return c
+    """``<bos> mode: reverse ; …`` demonstrations, n tokens in all (zoo text: a context the zoo models use)."""
+    return torch.cat([torch.tensor([_bos(model)]), _instruction_tokens(n - 1, 10 + n, head=True)])
 
 
 def _query(model) -> torch.Tensor:
-    return ids(QUERY, model.config.vocab_size, seed=3)
+    return _instruction_tokens(QUERY, 3, head=False)
 
 
 def fit(model, n: int):
-    calib = [ids(CALIB_LEN, model.config.vocab_size, seed=100 + k) for k in range(CALIB)]
+    calib = [_instruction_tokens(CALIB_LEN, 100 + k, head=False) for k in range(CALIB)]
     return fit_static(model, _context(model, n), calib, rank=RANK, keep_prefix=1, renumber_positions=True, seed=100)
 
 
@@ -157,8 +174,8 @@ def main(quick: bool = False, out: Path | None = None) -> list[dict]:
                     return g()
             rep = 1 if quick else 3
             t = {v: best_time(g, repeat=rep) for v, g in zip("abcd", (gen_a, gen_b, gen_c, gen_d), strict=True)}
-            mem = {v: peak_memory("bench_compressed_inference:setup", variant=v, quick=quick, n=n,
-                                  static_dir=None if v in "ad" else str(sdir)) for v in "abcd"}
+            mem = {v: 0 if quick else peak_memory("bench_compressed_inference:setup", variant=v, quick=quick, n=n,
+                                                  static_dir=None if v in "ad" else str(sdir)) for v in "abcd"}
             tb, tc = gen_b(), gen_c()
             agree_tot += int((tb == tc).sum())
             agree_n += tb.numel()
@@ -177,9 +194,11 @@ def main(quick: bool = False, out: Path | None = None) -> list[dict]:
             names = {"a": "with context", "b": "hooked", "c": "merged", "d": "no context"}
             info.append({"target": f"tokens/s (a) (b) (c) (d) | peak MiB, ctx {n}",
                          "measured": " ".join(f"{new / t[v]:.0f}" for v in "abcd") + " | "
-                         + " ".join(f"{mem[v] / 2**20:.0f}" for v in "abcd"), "bar": "(info)", "met": True,
-                         "detail": {f"({v}) {names[v]}": f"{new / t[v]:.1f} tok/s, {t[v]:.4f} s, "
-                                                         f"peak {mem[v] / 2**20:.1f} MiB" for v in "abcd"}})
+                         + (" ".join(f"{mem[v] / 2**20:.0f}" for v in "abcd") if not quick else "n/a"),
+                         "bar": "(info)", "met": True,
+                         "detail": {f"({v}) {names[v]}": f"{new / t[v]:.1f} tok/s, {t[v]:.4f} s, peak "
+                                    + (f"{mem[v] / 2**20:.1f} MiB" if not quick else "not measured (--quick)")
+                                    for v in "abcd"}})
     frac = agree_tot / agree_n
     rows.append({"target": "greedy tokens (b) hooked vs (c) merged agree", "measured": f"{frac:.3f}",
                  "bar": "≥ 0.95", "met": frac >= 0.95, "correctness": True,
