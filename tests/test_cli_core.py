@@ -64,3 +64,10 @@ def test_error_is_one_line_when_piped():
     assert res.returncode == 2, res.stderr
     lines = res.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: unknown contextual layer") and "x" * 100 in lines[0], lines
+
+
+def test_usage_error_is_plain_when_piped():
+    """A typer/click usage error (unknown option) is plain text, no rich box, when stderr is not a terminal."""
+    res = run_piped("study", "--bogus")
+    assert res.returncode == 2
+    assert "Error: No such option: --bogus" in res.stderr and "╭" not in res.stderr and "│" not in res.stderr

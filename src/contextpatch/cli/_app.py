@@ -25,6 +25,8 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # piped or logged (no terminal): plain click help and one-line usage errors instead of rich boxes
+    rich_markup_mode="rich" if sys.stderr.isatty() else None,
 )
 
 console = Console(stderr=False)
