@@ -182,3 +182,56 @@ def test_gpt2_twin_builds_with_4096_positions():
     assert make_config("gpt2").n_positions == 4096 and make_config("llama").max_position_embeddings == 4096
     with pytest.raises(ContextPatchError, match="llama, gpt2"):
         make_config("bert")
+
+
+@pytest.mark.parametrize("name", ["icl-llama", "icl-gpt2"])
+def test_shipped_model_loads_with_plain_transformers_and_reproduces_its_accuracy(name):
+    """The shipped folder is a standard HF checkpoint (AutoModel/AutoTokenizer, no contextpatch code), its
+    tokenizer is the zoo's word map, and re-evaluating it with zoo.json's seed gives zoo.json's numbers."""
+    from contextpatch.zoo.registry import MODELS_DIR
+
+    if not (MODELS_DIR / name / "zoo.json").is_file():
+        pytest.skip(f"{name} is not shipped in this checkout")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from contextpatch.zoo import evaluate_model
+
+    folder = path(name)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager").eval()
+    tok = AutoTokenizer.from_pretrained(folder)
+    text = "mode: reverse ; 4 1 9 => 9 1 4 ; k3 v7 ; 3 -> 4 ;"
+    assert tok(text)["input_ids"] == encode_words(text) and tok.decode(encode_words(text)[1:]) == text
+    assert model.config.max_position_embeddings == 4096 if name == "icl-llama" else model.config.n_positions == 4096
+    meta = json.loads((folder / "zoo.json").read_text())
+    assert meta["parameters"] == sum(p.numel() for p in model.parameters())
+    assert (folder / "model.safetensors").stat().st_size < 15 * 2**20
+    want = meta["metrics"]
+    got = evaluate_model(model, name=meta["name"], n=meta.get("eval_examples", 50),
+                         config=TrainConfig.from_dict(meta["config"]))
+    for fam, r in want["families"].items():
+        assert got["families"][fam]["by_shots"] == {int(k): v for k, v in r["by_shots"].items()}, fam
+
+
+def test_second_phase_starts_from_a_trained_folder_and_records_it(tmp_path):
+    """init_from copies the parent's weights (step-0 loss equals the parent's final loss on the same batch),
+    zoo.json records the parent and the total wall time; overrides are parsed and bad ones refused."""
+    first = train(replace(TINY, steps=5), tmp_path / "a", progress=False, eval_examples=0)
+    cfg = TINY.with_overrides(["steps=3", "lr=1e-3", "mix=facts:0.5,copy:0.5", f"init_from={tmp_path / 'a'}"])
+    assert cfg.mix == (("facts", 0.5), ("copy", 0.5)) and cfg.lr == 1e-3 and cfg.steps == 3
+    from contextpatch.zoo.evaluate import load_zoo_model
+
+    parent, _ = load_zoo_model(tmp_path / "a")
+    losses = []
+    meta = train(cfg, tmp_path / "b", progress=False, eval_examples=0, on_step=lambda s, v: losses.append(v))
+    ids, w = sample_batch(cfg, 0)
+    parent.train()
+    with torch.no_grad():
+        assert abs(losses[0] - float(loss_fn(parent, ids, w))) < 1e-5   # step 0 ran on the parent's weights
+    assert meta["parent"]["steps"] == 5 and meta["total_wall_seconds"] >= first["wall_seconds"]
+    for bad in (["nope=1"], ["lr"], ["steps=x"], ["name=other"]):
+        with pytest.raises(ContextPatchError, match="--set"):
+            TINY.with_overrides(bad)
+    with pytest.raises(ContextPatchError, match="not a zoo model folder"):
+        train(replace(TINY, init_from=str(tmp_path)), tmp_path / "c", progress=False, eval_examples=0)
+    with pytest.raises(ContextPatchError, match="another architecture"):
+        train(replace(TINY, width=48, init_from=str(tmp_path / "a")), tmp_path / "d", progress=False, eval_examples=0)

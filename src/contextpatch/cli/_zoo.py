@@ -37,6 +37,10 @@ def train_cmd(
                                              "timing of this machine (the final evaluation comes on top)."),
     steps: int = typer.Option(None, help="Use exactly this many steps instead of --minutes."),
     resume: bool = typer.Option(False, "--resume", help="Continue from OUT/checkpoint (same configuration)."),
+    set_: list[str] = typer.Option(None, "--set", help="Override a recipe field, FIELD=VALUE (repeatable), e.g. "
+                                                      "--set lr=1e-3 --set mix=facts:0.5,copy:0.5 --set "
+                                                      "init_from=runs/zoo/icl-llama (start from a trained "
+                                                      "model: a second phase). Give the same --set on --resume."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar (on stderr)."),
     json_out: bool = typer.Option(False, "--json", help="Print zoo.json's summary as one JSON object."),
 ) -> None:
@@ -49,7 +53,7 @@ def train_cmd(
 
     out = out or Path("runs/zoo") / name
     try:
-        cfg = recipe(name)
+        cfg = recipe(name).with_overrides(set_ or [])
         state = out / "checkpoint" / "state.pt"
         if steps is not None:
             if steps < 1:

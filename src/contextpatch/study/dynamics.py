@@ -119,8 +119,9 @@ def _weight_norms(model: nn.Module) -> tuple[list[str], list[float], list[Tensor
 
 def implicit_dynamics(model: nn.Module, *, n: int = 32, shots: int = 32, seed: int = 0, progress=None) -> dict:
     """Per-layer implicit patch and update norms over i = 0..k demonstrations (mean over ``n`` prompts), the
-    with-context accuracy and answer loss after i demonstrations, and the update of noisy vs clean
-    demonstrations (module docstring)."""
+    with-context accuracy and answer loss after i demonstrations, the update of noisy vs clean demonstrations,
+    and the update of a demonstration when the answer is already right before it vs when it is not (does the
+    implicit update shrink once the answer is right?)."""
     names, norms, _ = _weight_norms(model)
     runs = []
     for p in make_prompts("function", n, shots, seed=seed):
@@ -136,6 +137,9 @@ def implicit_dynamics(model: nn.Module, *, n: int = 32, shots: int = 32, seed: i
     noisy_ratio = [float(step[:, li][~clean].mean() / step[:, li][clean].mean()) if (~clean).any() else None
                    for li in range(L)]
     late, early = step[:, :, shots // 2:].mean((0, 2)), step[:, :, :4].mean((0, 2))
+    right = np.array([r["hit"] for r in runs])[:, :-1]    # (n, k): answer right BEFORE demonstration i+1
+    by_right = [float(step[:, li][right].mean() / step[:, li][~right].mean()) if right.any() and (~right).any()
+                else None for li in range(L)]
     return {"matrices": names, "weight_norms": norms, "shots": list(range(shots + 1)), "prompts": n,
             "seed": seed,
             "accuracy": np.array([r["hit"] for r in runs]).mean(0).tolist(),
@@ -144,6 +148,7 @@ def implicit_dynamics(model: nn.Module, *, n: int = 32, shots: int = 32, seed: i
             "step_rel": [step[:, li].mean(0).tolist() for li in range(L)],
             "step_late_over_early": (late / early).tolist(),
             "noisy_over_clean_step": noisy_ratio,
+            "step_when_right_over_wrong": by_right,
             "noisy_fraction": float(1 - clean.mean())}
 
 

@@ -34,11 +34,11 @@ def render_report(m: dict) -> str:
               f"{d['prompts']} prompts, {len(acc) - 1} demonstrations each (noisy fraction "
               f"{_f(d['noisy_fraction'], 2)}). Accuracy after i demonstrations: "
               + ", ".join(f"i={i}: {_f(acc[i], 2)}" for i in marks) + ".", "",
-              "| layer | matrix | ‖ΔW_k‖/‖W‖ | update late/early (i > k/2 vs i ≤ 4) | noisy/clean update |",
-              "|---|---|---|---|---|"]
+              "| layer | matrix | ‖ΔW_k‖/‖W‖ | update late/early (i > k/2 vs i ≤ 4) | noisy/clean update | "
+              "update when already right / wrong |", "|---|---|---|---|---|---|"]
     for li, name in enumerate(d["matrices"]):
         lines.append(f"| {li} | `{name}` | {_f(d['patch_rel'][li][-1])} | {_f(d['step_late_over_early'][li])} | "
-                     f"{_f(d['noisy_over_clean_step'][li])} |")
+                     f"{_f(d['noisy_over_clean_step'][li])} | {_f(d['step_when_right_over_wrong'][li])} |")
     lines += ["", "## 3. Thought patches: held-out accuracy vs calibration queries K", "",
               "| family | with context | without | " + " | ".join(f"K={k}" for k in
                                                                next(iter(m["thought_patch"].values()))["ks"]) + " |",

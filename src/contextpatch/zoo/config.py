@@ -39,9 +39,41 @@ class TrainConfig:
     function_slopes: tuple[int, ...] = (1,)
     function_noise: float = 0.1
     probe: bool = False  # a short probe run, not the full recipe
+    init_from: str | None = None  # a zoo model folder whose weights start this run (a second training phase)
 
     def to_dict(self) -> dict:
         return json.loads(json.dumps(asdict(self)))
+
+    def with_overrides(self, items: list[str]) -> TrainConfig:
+        """``["lr=1e-3", "mix=facts:0.5,copy:0.5", "init_from=runs/zoo/x"]`` applied to a copy (CLI ``--set``)."""
+        from dataclasses import replace
+
+        from .._errors import ContextPatchError
+
+        known = {f.name: f for f in fields(self)}
+        changes: dict = {}
+        for item in items:
+            key, sep, raw = item.partition("=")
+            key = key.strip()
+            if not sep or key not in known or key == "name":
+                raise ContextPatchError(f"--set {item!r}: expected FIELD=VALUE with FIELD one of "
+                                        f"{', '.join(k for k in known if k != 'name')}")
+            old = getattr(self, key)
+            try:
+                if key == "mix":
+                    value = tuple((f.strip(), float(w)) for f, w in (p.split(":") for p in raw.split(",")))
+                elif key == "function_slopes":
+                    value = tuple(int(a) for a in raw.split(","))
+                elif isinstance(old, bool):
+                    value = raw.strip().lower() in ("1", "true", "yes")
+                elif key in ("width", "layers", "heads", "mlp", "init_from"):
+                    value = None if raw.strip().lower() in ("", "none") else (raw if key == "init_from" else int(raw))
+                else:
+                    value = type(old)(raw)
+            except ValueError as e:
+                raise ContextPatchError(f"--set {item!r}: {e}") from None
+            changes[key] = value
+        return replace(self, **changes)
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:

@@ -117,6 +117,8 @@ def train(cfg: TrainConfig, out: Path | str, *, resume: bool = False, progress: 
         opt.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng"])
         step, elapsed, tokens, history = state["step"], state["elapsed"], state["tokens"], state["history"]
+    elif cfg.init_from:
+        _load_parent(model, cfg.init_from)
     tasks = tasks_for(cfg)
     model.train()
     bar = tqdm(total=cfg.steps, initial=step, disable=not progress, desc=cfg.name, dynamic_ncols=True)
@@ -146,6 +148,36 @@ def train(cfg: TrainConfig, out: Path | str, *, resume: bool = False, progress: 
     return finish(model, cfg, out, wall=wall, tokens=tokens, history=history, eval_examples=eval_examples)
 
 
+def _load_parent(model, folder: str) -> None:
+    """Copy the weights of the zoo model folder ``folder`` into ``model`` (same architecture and sizes)."""
+    from safetensors.torch import load_file
+
+    f = Path(folder) / "model.safetensors"
+    if not f.is_file() or not (Path(folder) / "zoo.json").is_file():
+        raise ContextPatchError(f"init_from={folder!r} is not a zoo model folder (needs model.safetensors and "
+                                f"zoo.json)")
+    state = load_file(f)
+    mine = model.state_dict()
+    bad = sorted(k for k in mine if k not in state and not k.endswith("lm_head.weight")
+                 or k in state and state[k].shape != mine[k].shape)
+    if bad:
+        raise ContextPatchError(f"init_from={folder!r} has another architecture or size (differs at {bad[:3]})")
+    model.load_state_dict(state, strict=False)
+    if "lm_head.weight" not in state:       # tied embeddings (GPT-2): the head shares wte
+        model.tie_weights()
+
+
+def _parent_summary(cfg: TrainConfig) -> dict | None:
+    import json
+
+    if not cfg.init_from:
+        return None
+    meta = json.loads((Path(cfg.init_from) / "zoo.json").read_text())
+    return {"folder": cfg.init_from, "name": meta.get("name"), "steps": meta.get("steps"),
+            "wall_seconds": meta.get("total_wall_seconds", meta.get("wall_seconds")), "config": meta.get("config"),
+            "metrics": meta.get("metrics"), "parent": meta.get("parent")}
+
+
 def finish(model, cfg: TrainConfig, out: Path, *, wall: float, tokens: int, history: list,
            eval_examples: int = 50) -> dict:
     """Evaluate and write the HF folder (files saved in a temp folder, then each moved into place)."""
@@ -154,17 +186,20 @@ def finish(model, cfg: TrainConfig, out: Path, *, wall: float, tokens: int, hist
 
     model.eval()
     model.set_attn_implementation("eager")
-    metrics = evaluate_model(model, name=cfg.name, n=eval_examples) if eval_examples > 0 else None
+    metrics = evaluate_model(model, name=cfg.name, n=eval_examples, config=cfg) if eval_examples > 0 else None
     meta = {"zoo_format": ZOO_FORMAT, "name": cfg.name, "arch": cfg.arch, "probe": cfg.probe, "seed": cfg.seed,
             "steps": cfg.steps, "parameters": count_params(model), "wall_seconds": round(wall, 1),
             "tokens_seen": tokens, "tokens_per_second": round(tokens / max(wall, 1e-9), 1),
             "torch_threads": torch.get_num_threads(), "config": cfg.to_dict(), "metrics": metrics,
+            "eval_examples": eval_examples, "eval_seed": 1234, "parent": _parent_summary(cfg),
             "loss_history": history}
     with tempfile.TemporaryDirectory(dir=out, prefix=".save-") as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         make_tokenizer().save_pretrained(tmp)
         for f in os.listdir(tmp):
             os.replace(os.path.join(tmp, f), out / f)
+    if meta["parent"] is not None:
+        meta["total_wall_seconds"] = round(wall + (meta["parent"]["wall_seconds"] or 0.0), 1)
     atomic_write_json(out / "zoo.json", meta)
     if metrics is not None:
         plot(metrics, out / "accuracy.png")
