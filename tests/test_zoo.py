@@ -235,3 +235,25 @@ def test_second_phase_starts_from_a_trained_folder_and_records_it(tmp_path):
         train(replace(TINY, init_from=str(tmp_path)), tmp_path / "c", progress=False, eval_examples=0)
     with pytest.raises(ContextPatchError, match="another architecture"):
         train(replace(TINY, width=48, init_from=str(tmp_path / "a")), tmp_path / "d", progress=False, eval_examples=0)
+
+
+def test_finish_from_checkpoint_records_where_an_interrupted_run_stopped(tmp_path):
+    from contextpatch.zoo.train import checkpoint_model, finish_from_checkpoint
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_4(step, _):
+        if step == 4:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train(replace(TINY, steps=10), tmp_path / "r", progress=False, checkpoint_every=2, on_step=stop_at_4)
+    model, info = checkpoint_model(tmp_path / "r")
+    assert info["step"] == 4
+    meta = finish_from_checkpoint(tmp_path / "r", eval_examples=0)
+    assert meta["steps"] == 10 and meta["steps_done"] == 4
+    from contextpatch.zoo.evaluate import load_zoo_model
+
+    saved, _ = load_zoo_model(tmp_path / "r")
+    assert all(torch.equal(a, b) for a, b in zip(saved.state_dict().values(), model.state_dict().values(), strict=True))

@@ -28,7 +28,8 @@ from .config import ZOO_FORMAT, TrainConfig
 from .data import sample_batch, tasks_for
 from .models import count_params, make_model
 
-__all__ = ["TrainConfig", "train", "lr_at", "loss_fn", "estimate_steps", "checkpoint_model", "ZOO_FORMAT"]
+__all__ = ["TrainConfig", "train", "lr_at", "loss_fn", "estimate_steps", "checkpoint_model", "finish_from_checkpoint",
+           "ZOO_FORMAT"]
 
 def lr_at(cfg: TrainConfig, step: int) -> float:
     """Warmup then cosine decay to ``lr·min_lr_ratio`` (formula in the module docstring)."""
@@ -179,7 +180,7 @@ def _parent_summary(cfg: TrainConfig) -> dict | None:
 
 
 def finish(model, cfg: TrainConfig, out: Path, *, wall: float, tokens: int, history: list,
-           eval_examples: int = 50) -> dict:
+           eval_examples: int = 50, steps_done: int | None = None) -> dict:
     """Evaluate and write the HF folder (files saved in a temp folder, then each moved into place)."""
     from .evaluate import evaluate_model, plot
     from .tokenizer import make_tokenizer
@@ -188,7 +189,8 @@ def finish(model, cfg: TrainConfig, out: Path, *, wall: float, tokens: int, hist
     model.set_attn_implementation("eager")
     metrics = evaluate_model(model, name=cfg.name, n=eval_examples, config=cfg) if eval_examples > 0 else None
     meta = {"zoo_format": ZOO_FORMAT, "name": cfg.name, "arch": cfg.arch, "probe": cfg.probe, "seed": cfg.seed,
-            "steps": cfg.steps, "parameters": count_params(model), "wall_seconds": round(wall, 1),
+            "steps": cfg.steps, "steps_done": cfg.steps if steps_done is None else steps_done,
+            "parameters": count_params(model), "wall_seconds": round(wall, 1),
             "tokens_seen": tokens, "tokens_per_second": round(tokens / max(wall, 1e-9), 1),
             "torch_threads": torch.get_num_threads(), "config": cfg.to_dict(), "metrics": metrics,
             "eval_examples": eval_examples, "eval_seed": 1234, "parent": _parent_summary(cfg),
@@ -209,6 +211,16 @@ def finish(model, cfg: TrainConfig, out: Path, *, wall: float, tokens: int, hist
 def remove_checkpoint(out: Path | str) -> None:
     """Delete ``out/checkpoint`` (what ships is the HF folder only)."""
     shutil.rmtree(Path(out) / "checkpoint", ignore_errors=True)
+
+
+def finish_from_checkpoint(out: Path | str, *, eval_examples: int = 50) -> dict:
+    """Write the HF folder and zoo.json of an interrupted run from ``out/checkpoint`` as it stands (``steps_done``
+    records where it stopped; ``steps`` stays the planned count that set the learning-rate schedule)."""
+    model, info = checkpoint_model(out)
+    state = torch.load(Path(out) / "checkpoint" / "state.pt", map_location="cpu", weights_only=False)
+    return finish(model, TrainConfig.from_dict(info["config"]), Path(out), wall=state["elapsed"],
+                  tokens=state["tokens"], history=state["history"], eval_examples=eval_examples,
+                  steps_done=state["step"])
 
 
 def checkpoint_model(out: Path | str) -> tuple[torch.nn.Module, dict]:
