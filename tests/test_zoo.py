@@ -257,3 +257,8 @@ def test_finish_from_checkpoint_records_where_an_interrupted_run_stopped(tmp_pat
 
     saved, _ = load_zoo_model(tmp_path / "r")
     assert all(torch.equal(a, b) for a, b in zip(saved.state_dict().values(), model.state_dict().values(), strict=True))
+    # the same run ended by stop_at (reproducible from the CLI: --set stop_at=4) gives the same weights
+    meta2 = train(replace(TINY, steps=10, stop_at=4), tmp_path / "s", progress=False, eval_examples=0)
+    again, _ = load_zoo_model(tmp_path / "s")
+    assert meta2["steps_done"] == 4 and meta2["steps"] == 10
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), model.state_dict().values(), strict=True))

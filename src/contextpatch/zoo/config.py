@@ -39,6 +39,7 @@ class TrainConfig:
     function_slopes: tuple[int, ...] = (1,)
     function_noise: float = 0.1
     probe: bool = False  # a short probe run, not the full recipe
+    stop_at: int | None = None  # end the run at this step (the schedule still spans ``steps``); None: ``steps``
     init_from: str | None = None  # a zoo model folder whose weights start this run (a second training phase)
 
     def to_dict(self) -> dict:
@@ -66,7 +67,7 @@ class TrainConfig:
                     value = tuple(int(a) for a in raw.split(","))
                 elif isinstance(old, bool):
                     value = raw.strip().lower() in ("1", "true", "yes")
-                elif key in ("width", "layers", "heads", "mlp", "init_from"):
+                elif key in ("width", "layers", "heads", "mlp", "stop_at", "init_from"):
                     value = None if raw.strip().lower() in ("", "none") else (raw if key == "init_from" else int(raw))
                 else:
                     value = type(old)(raw)

@@ -122,9 +122,10 @@ def train(cfg: TrainConfig, out: Path | str, *, resume: bool = False, progress: 
         _load_parent(model, cfg.init_from)
     tasks = tasks_for(cfg)
     model.train()
-    bar = tqdm(total=cfg.steps, initial=step, disable=not progress, desc=cfg.name, dynamic_ncols=True)
+    end = min(cfg.steps, cfg.stop_at or cfg.steps)
+    bar = tqdm(total=end, initial=step, disable=not progress, desc=cfg.name, dynamic_ncols=True)
     t0 = time.perf_counter() - elapsed
-    while step < cfg.steps:
+    while step < end:
         ids, w = sample_batch(cfg, step, tasks)
         for g in opt.param_groups:
             g["lr"] = lr_at(cfg, step)
@@ -140,13 +141,14 @@ def train(cfg: TrainConfig, out: Path | str, *, resume: bool = False, progress: 
             history.append([step, round(lv, 5), round(time.perf_counter() - t0, 2)])
         bar.update(1)
         bar.set_postfix(loss=f"{lv:.3f}", tok_s=f"{tokens / max(1e-9, time.perf_counter() - t0):.0f}")
-        if step % checkpoint_every == 0 or step == cfg.steps:
+        if step % checkpoint_every == 0 or step == end:
             _save_checkpoint(ck, model, opt, step, cfg, time.perf_counter() - t0, tokens, history)
         if on_step is not None:
             on_step(step, lv)
     bar.close()
     wall = time.perf_counter() - t0
-    return finish(model, cfg, out, wall=wall, tokens=tokens, history=history, eval_examples=eval_examples)
+    return finish(model, cfg, out, wall=wall, tokens=tokens, history=history, eval_examples=eval_examples,
+                  steps_done=step)
 
 
 def _load_parent(model, folder: str) -> None:
