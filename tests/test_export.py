@@ -62,7 +62,10 @@ def test_exports_load_elsewhere_and_match_the_hooked_adapter(tmp_path, arch, kin
         else:
             static.save_merged(m, tmp_path / "merged")
         out = _in_fresh_process(tmp_path, kind, tmp_path / "base", tmp_path / kind, x)
-        assert float((out - ref).abs().max()) <= 1e-5, (arch, kind, float((out - ref).abs().max()))
+        # float32: 1e-5 relative to the logit scale (peft adds B(Ax) after W x in its own kernel order, the hook in
+        # another: measured 1.3e-5 absolute on the tiny Llama at max |logit| 4.5); float64 merges are exact below
+        tol = 1e-5 * max(1.0, float(ref.abs().max()))
+        assert float((out - ref).abs().max()) <= tol, (arch, kind, float((out - ref).abs().max()))
 
 
 def test_merge_is_exact_in_float64_and_leaves_the_model_untouched():

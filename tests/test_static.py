@@ -230,6 +230,18 @@ def test_cli_compress_queries_file_table_and_errors(tmp_path):
     assert res.exit_code == 0 and "--calibration" in res.stdout
 
 
+def test_cli_compress_attention_and_reduced_rank(tmp_path):
+    out = tmp_path / "adapter"
+    res = runner.invoke(app, ["compress", "--arch", "llama", "--random", "--calibration", "8", "--rank", "2",
+                              "--attention", "--rank-method", "rrr", "--out", str(out), "--json"])
+    assert res.exit_code == 0, res.output
+    back = StaticPatches.load(out)
+    assert back.meta.options["attention"] and back.meta.options["rank_method"] == "rrr"
+    assert back.layer_patches(0)["self_attn.o_proj"].rank <= 2
+    res = runner.invoke(app, ["compress", "--arch", "llama", "--random", "--rank", "2", "--rank-method", "qr"])
+    assert res.exit_code == 2 and "rank_method" in res.output
+
+
 @pytest.mark.parametrize("arch,output_patch", [("llama", "auto"), ("gpt2", "weight")])
 def test_drop_in_mode_keeps_bos_and_runs_from_position_zero(arch, output_patch):
     """keep_prefix=1, renumber_positions=True: the adapter runs on [BOS, query] at positions 0.., as a server would

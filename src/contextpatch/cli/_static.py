@@ -113,6 +113,11 @@ def compress_cmd(model: str = _MODEL, arch: Family = _ARCH, random: bool = _RAND
                  renumber: bool = typer.Option(False, "--renumber-positions", help="Run [kept prefix, query] at "
                                                "positions 0.. (drop-in) instead of the query's positions after "
                                                "the context."),
+                 attention: bool = typer.Option(False, "--attention", help="Also patch the attention output "
+                                                "projection (o_proj / c_proj): carries the context's rescaling of "
+                                                "attention that MLP-only patches cannot (docs/adapters.md)."),
+                 rank_method: str = typer.Option("svd", "--rank-method", help="With --rank: svd (truncate the "
+                                                 "full fit) or rrr (reduced-rank ridge: the best rank-r fit)."),
                  dtype: DType = _DTYPE, device: str = _DEVICE, seed: int = _SEED, output_patch: OutputPatch = _OUTP,
                  json_out: bool = _JSON) -> None:
     """Compress a context into a static adapter: one query-independent patch per layer, fitted on calibration
@@ -147,6 +152,7 @@ def compress_cmd(model: str = _MODEL, arch: Family = _ARCH, random: bool = _RAND
             task = bar.add_task("fitting layers", total=len(get_adapter(m).resolve(m)))
             static = fit_static(m, ctx_t, cal, ridge=ridge, rank=rank, output_patch=OutputPatch(output_patch).value,
                                 seed=seed, keep_prefix=keep_prefix, renumber_positions=renumber,
+                                attention=attention, rank_method=rank_method,
                                 progress=lambda i: bar.update(task, completed=i + 1))
         ev = evaluate_static(m, static, ctx_t, held) if held else {}
         export = Export(export)

@@ -5,9 +5,9 @@ residual-stream tap), ``_layout`` (which tokens are context), ``_records`` (Laye
 ``_identity`` (config hash, weight fingerprint), ``_files`` (the on-disk format), ``_step1_capture``,
 ``_moe``, ``_step2_patched``, ``_context_patches``, ``_extract`` (extract / verify / run_patched),
 ``_generate``, ``_shared_context`` (many queries and every prefix over one context pass), ``_dynamics``,
-``_export`` (peft / merged exports), ``_static_patches``, ``_static_fit``, ``_static_encoder`` (encoder
-prefixes), ``_distill`` (LoRA context distillation, the anchor for static adapters). See docs/engine.md for the
-interface between the two steps.
+``_attention_slot`` (the attention-output patch of static adapters), ``_export`` (peft / merged exports),
+``_static_patches``, ``_static_fit``, ``_static_encoder`` (encoder prefixes), ``_distill`` (LoRA context
+distillation, the anchor for static adapters). See docs/engine.md for the interface between the two steps.
 """
 
 from ._context_patches import ContextPatches

@@ -17,7 +17,7 @@ from __future__ import annotations
 import copy
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -33,7 +33,8 @@ __all__ = ["DistillResult", "distill_lora"]
 
 @dataclass
 class DistillResult:
-    """history: one dict per evaluation {step, wall_s, forward_backward, kl, top1}; model: the trained student
+    """history: one dict per evaluation {step, wall_s, forward_backward, kl, top1, calibration_kl (the training
+    loss of the last step, before its update; None at step 0)}; model: the trained student
     (a peft model wrapping a copy of the base model); config: the settings (JSON values)."""
 
     history: list[dict]
@@ -50,11 +51,15 @@ def _kl(teacher: Tensor, student: Tensor, valid: Tensor) -> Tensor:
 def distill_lora(model: nn.Module, context_ids: Tensor, calibration_queries: Sequence[Tensor] | Tensor,
                  eval_queries: Sequence[Tensor] | Tensor, *, rank: int = 4, targets: str = "mlp", steps: int = 100,
                  lr: float = 1e-3, init: StaticPatches | None = None, eval_every: int = 10,
-                 seed: int = 0) -> DistillResult:
+                 seed: int = 0, keep_prefix: int | None = None, renumber_positions: bool | None = None,
+                 eval_metrics: Callable[[Tensor], dict] | None = None) -> DistillResult:
     """Distil ``context_ids`` into a LoRA adapter of ``rank`` on ``targets`` ("mlp": the matrices the static
     adapter patches; "all-linear": every linear layer), ``steps`` full-batch Adam steps.
 
     ``init``: a static adapter of the same context to start from (its ranks are kept; ``targets`` must be "mlp").
+    ``keep_prefix`` / ``renumber_positions``: the student's input convention (as in :func:`fit_static`; default:
+    the one ``init`` was fitted with, else the query alone at positions n..). ``eval_metrics``: called at every
+    evaluation with the held-out logits (K, T, V) of the query tokens; its dict is merged into the history row.
     """
     try:
         from peft import LoraConfig, PeftModel, get_peft_model
@@ -67,7 +72,12 @@ def distill_lora(model: nn.Module, context_ids: Tensor, calibration_queries: Seq
     torch.manual_seed(seed)
     ctx = torch.as_tensor(context_ids).reshape(-1)
     opts = init.meta.options if init is not None else {}
-    keep, renumber = opts.get("keep_prefix", 0), opts.get("renumber_positions", False)
+    keep = opts.get("keep_prefix", 0) if keep_prefix is None else keep_prefix
+    renumber = opts.get("renumber_positions", False) if renumber_positions is None else renumber_positions
+    if init is not None and (keep, renumber) != (opts.get("keep_prefix", 0), opts.get("renumber_positions", False)):
+        raise ContextPatchError("init=static: the student must use the convention the static adapter was fitted "
+                                f"with (keep_prefix={opts.get('keep_prefix', 0)}, "
+                                f"renumber_positions={opts.get('renumber_positions', False)})")
     cal = query_batch(model, ctx, calibration_queries, keep, renumber, "calibration")
     ev = query_batch(model, ctx, eval_queries, keep, renumber, "evaluation")
     t_cal, t_ev = teacher_logits(model, ctx, cal), teacher_logits(model, ctx, ev)
@@ -92,7 +102,7 @@ def distill_lora(model: nn.Module, context_ids: Tensor, calibration_queries: Seq
     student.train()
     params = [p for p in student.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=lr)
-    history, wall, passes = [], 0.0, 0
+    history, wall, passes, last_loss = [], 0.0, 0, None
 
     def evaluate(step: int) -> None:
         student.eval()
@@ -100,8 +110,11 @@ def distill_lora(model: nn.Module, context_ids: Tensor, calibration_queries: Seq
             out = student(input_ids=ev.ids, position_ids=ev.pos).logits[:, ev.p:]
         student.train()
         top1 = (out.argmax(-1) == t_ev.argmax(-1))[ev.valid].double().mean()
-        history.append({"step": step, "wall_s": wall, "forward_backward": passes,
-                        "kl": float(_kl(t_ev, out, ev.valid)), "top1": float(top1)})
+        row = {"step": step, "wall_s": wall, "forward_backward": passes,
+               "kl": float(_kl(t_ev, out, ev.valid)), "top1": float(top1), "calibration_kl": last_loss}
+        if eval_metrics is not None:
+            row.update(eval_metrics(out))
+        history.append(row)
 
     evaluate(0)
     for step in range(1, steps + 1):
@@ -113,6 +126,7 @@ def distill_lora(model: nn.Module, context_ids: Tensor, calibration_queries: Seq
         opt.step()
         wall += time.perf_counter() - t0
         passes += 1
+        last_loss = float(loss.detach())
         if step % eval_every == 0 or step == steps:
             evaluate(step)
     student.eval()

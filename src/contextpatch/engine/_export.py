@@ -2,7 +2,8 @@
 
     to_peft(layers, meta, model, dir)   adapter_config.json + adapter_model.safetensors that
                                         ``peft.PeftModel.from_pretrained(base, dir)`` loads
-    merge(layers, meta, model)          W ← W + U Vᵀ (Conv1D: its transpose), b ← b + Δb, norm gain ← gain + Δs
+    merge(layers, meta, model)          W ← W + U Vᵀ (Conv1D: its transpose; MLP matrices and, with attention=True,
+                                        the attention output projection), b ← b + Δb, norm gain ← gain + Δs
     save_merged(layers, meta, model, dir)   ``merge`` then ``save_pretrained`` (AutoModel*.from_pretrained loads it)
 
 LoRA computes y = W x + B (A x) · (α / r) (+ the ``lora_B`` bias with ``lora_bias=True``). A static patch
@@ -45,12 +46,22 @@ def _lora_modules(layers: list[LayerPatch], meta: PatchMeta, model: nn.Module) -
     for b, lp in zip(get_adapter(model).resolve(model), layers, strict=True):
         for path, p in lp.inputs.items():
             out[names[id(b.inputs[path])]] = (p.V.T.float(), p.U.float(), None)
+        if lp.attn_out is not None:
+            out[names[id(_attention(b, meta))]] = (lp.attn_out.V.T.float(), lp.attn_out.U.float(), None)
         if lp.out_weight is not None:
             out[names[id(b.output)]] = (lp.out_weight.V.T.float(), lp.out_weight.U.float(), None)
         if lp.out_bias is not None:
             d_out, d_in = lp.out_bias.shape[0], _in_features(b.output, meta)
             out[names[id(b.output)]] = (torch.zeros(1, d_in), torch.zeros(d_out, 1), lp.out_bias.float())
     return out
+
+
+def _attention(block, meta: PatchMeta) -> nn.Module:
+    """The attention output projection of a resolved block that carries ``attn_out``."""
+    path = meta.options.get("attention_module")
+    if not path:
+        raise ContextPatchError("an attention-output patch without metadata option 'attention_module'")
+    return block.block.get_submodule(path)
 
 
 def _in_features(mod: nn.Module, meta: PatchMeta) -> int:
@@ -105,6 +116,9 @@ def merge(layers: list[LayerPatch], meta: PatchMeta, model: nn.Module, *, inplac
         if lp.out_weight is not None:
             d = lp.out_weight.dense()
             add(b.output.weight, d.T if conv1d else d)
+        if lp.attn_out is not None:
+            d = lp.attn_out.dense()
+            add(_attention(b, meta).weight, d.T if conv1d else d)
         if lp.out_bias is not None:
             add(b.output.bias, lp.out_bias)
         if lp.out_scale is not None:

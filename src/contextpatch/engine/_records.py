@@ -8,6 +8,7 @@ and share one file format (``_files.py``) with one tensor naming scheme:
     layer.<ℓ>.out.bias               Δb (bias slot)
     layer.<ℓ>.out.weight.U / .V      ΔW_out (weight slot, and the stable variant's rank-1 part)
     layer.<ℓ>.out.scale              Δs (post-FF norm gain, scale slot and the stable variant's remainder)
+    layer.<ℓ>.attn.out.U / .V        ΔW_o on the attention output projection (static adapters, attention=True)
     layer.<ℓ>.router.U / .V          MoE router
     layer.<ℓ>.experts_in.U / .V      every expert's gate_up_proj  (…, E, 2I, r), (…, E, d, r)
     layer.<ℓ>.experts_out.U / .V     each active expert's down_proj (…, E, d, r), (…, E, I, r)
@@ -58,9 +59,11 @@ class LayerPatch:
     router: LowRankPatch | None = None
     experts_in: LowRankPatch | None = None
     experts_out: LowRankPatch | None = None
+    attn_out: LowRankPatch | None = None
 
-    _LOWRANK = ("out_weight", "router", "experts_in", "experts_out")
-    _NAMES = {"out_weight": "out.weight", "router": "router", "experts_in": "experts_in", "experts_out": "experts_out"}
+    _LOWRANK = ("out_weight", "router", "experts_in", "experts_out", "attn_out")
+    _NAMES = {"out_weight": "out.weight", "router": "router", "experts_in": "experts_in", "experts_out": "experts_out",
+              "attn_out": "attn.out"}
 
     def tensors(self) -> dict[str, Tensor]:
         """Flat ``name -> tensor`` (the file naming scheme, without the ``layer.<ℓ>.`` prefix)."""
@@ -116,10 +119,14 @@ class LayerPatch:
         lp.out_scale = None if self.out_scale is None else fn(self.out_scale)
         return lp
 
-    def by_module(self, output_module: str | None, scale_module: str | None) -> dict[str, object]:
+    def by_module(self, output_module: str | None, scale_module: str | None,
+                  attention_module: str | None = None) -> dict[str, object]:
         """The patches keyed by the module path they change (matrices as :class:`LowRankPatch`, Δb as
-        :class:`VectorPatch`, Δs as :class:`ScalePatch`; MoE experts under ``experts.*``)."""
+        :class:`VectorPatch`, Δs as :class:`ScalePatch`; MoE experts under ``experts.*``; the attention-output
+        patch under ``attention_module``)."""
         out: dict[str, object] = dict(self.inputs)
+        if self.attn_out is not None:
+            out[attention_module or "attn.out"] = self.attn_out
         if self.router is not None:
             out.update({"router": self.router, "experts.gate_up_proj": self.experts_in,
                         "experts.down_proj": self.experts_out})
@@ -233,6 +240,10 @@ def check_layers(layers: list[LayerPatch], meta: PatchMeta, *, where: str = "") 
         missing = [a for a in need if getattr(lp, a) is None]
         if missing:
             raise PatchFileError(f"{where}layer {i}: the {meta.slot!r} slot needs {missing}, not in the file")
+        if (lp.attn_out is not None) != bool(meta.options.get("attention")):
+            raise PatchFileError(f"{where}layer {i}: attention-output patch "
+                                 f"{'present' if lp.attn_out is not None else 'missing'}, metadata attention="
+                                 f"{bool(meta.options.get('attention'))}")
         if meta.slot != "moe" and sorted(lp.inputs) != sorted(meta.input_modules):
             raise PatchFileError(f"{where}layer {i}: input patches {sorted(lp.inputs)}, metadata says "
                                  f"{sorted(meta.input_modules)}")

@@ -31,6 +31,7 @@ from .._packing import pack_rows
 from .._patches import LowRankPatch
 from ..adapters import get_adapter
 from ..theory import static_patch
+from ._attention_slot import attention_modules, attention_path
 from ._extract import build_meta
 from ._model import (
     compute_dtype,
@@ -44,7 +45,7 @@ from ._model import (
     run_model,
     tap_residual,
 )
-from ._records import LayerPatch, OutputPatch
+from ._records import LayerPatch, OutputPatch, side_path
 from ._shared_context import check_context, packed_attention_mask, packed_targets
 from ._static_patches import StaticPatches, static_hooks
 from ._step1_capture import capture_targets
@@ -163,8 +164,17 @@ def _check_prefix(ctx: Tensor, keep_prefix: int) -> None:
                                 "keep at least one token that is removed")
 
 
-def _ridge(keys: Tensor, targets: Tensor, ridge: float, rank: int | None) -> LowRankPatch:
-    """Ridge least squares ΔW (d_out, d_in) with λ = ridge · mean ‖key‖², factored and compressed: (U, V)."""
+RANK_METHODS = ("svd", "rrr")
+
+
+def _ridge(keys: Tensor, targets: Tensor, ridge: float, rank: int | None, rank_method: str = "svd") -> LowRankPatch:
+    """Ridge least squares ΔW (d_out, d_in) with λ = ridge · mean ‖key‖², factored and compressed: (U, V).
+
+    ``rank`` truncation: "svd" keeps the best rank-r approximation of ΔW itself (Eckart–Young in weight space);
+    "rrr" is reduced-rank ridge regression, the minimiser of the same ridge objective under rank(ΔW) ≤ r: with
+    the augmented keys [A; √λ I] and targets [T; 0] the objective is a plain least squares, whose rank-r optimum
+    projects the full solution's fitted values onto their top-r left singular directions Q (d_out, r):
+    ΔW_r = Q Qᵀ ΔW, where Q = top-r eigenvectors of ΔW (AᵀA + λI) ΔWᵀ (Mukherjee & Zhu 2011)."""
     lam = ridge * float(keys.pow(2).sum(-1).mean())
     N, d_in = keys.shape
     if N <= d_in:                                              # dual form: rank ≤ N, K×K solve
@@ -175,15 +185,34 @@ def _ridge(keys: Tensor, targets: Tensor, ridge: float, rank: int | None) -> Low
         Wt = torch.linalg.solve(G + lam * torch.eye(d_in, dtype=G.dtype, device=G.device), rhs) if lam > 0 \
             else torch.linalg.pinv(G, hermitian=True) @ rhs
         p = LowRankPatch(Wt.T.contiguous(), torch.eye(d_in, dtype=G.dtype, device=G.device))
+    if rank is not None and rank_method == "rrr":
+        # fitted values of the augmented system: ‖[A; √λ I] ΔWᵀ‖ has Gram ΔW (AᵀA + λI) ΔWᵀ = (U (VᵀAᵀ)) (…)ᵀ + λ ΔW ΔWᵀ
+        F = p.U @ (keys @ p.V).T                                             # (d_out, N) = ΔW Aᵀ
+        M = F @ F.T + lam * (p.U @ (p.V.T @ p.V) @ p.U.T)                    # (d_out, d_out)
+        Q = torch.linalg.eigh(M)[1][:, -rank:]                               # top-r eigenvectors
+        p = LowRankPatch(Q, p.V @ (p.U.T @ Q))                               # Q Qᵀ ΔW = Q (ΔWᵀ Q)ᵀ
     p = p.compress(max_rank=rank)
     return LowRankPatch(p.U.contiguous(), p.V.contiguous())
 
 
 def _fit_layer(model, block, lp: LayerPatch, zc: Tensor, rc: Tensor, ids, pos, valid, *, slot, conv1d, ridge, rank,
-               cd, attention_mask=None):
-    """One context-free pass, stopped after block ℓ; fills ``lp`` (layer ℓ's patches) from inside the hooks."""
+               cd, attention_mask=None, attn: nn.Module | None = None, rank_method: str = "svd"):
+    """One context-free pass, stopped after block ℓ; fills ``lp`` (layer ℓ's patches) from inside the hooks.
+
+    ``attn``: the attention output projection W_o; if given, ΔW_o is fitted first (keys a = its input, targets
+    r_C − r with r = block input + W_o a) and applied at once, so the MLP's fit sees the corrected residual."""
     state: dict[str, Tensor] = {}
     b = block
+
+    def block_pre(mod, args, kwargs):
+        state["h"] = first_arg(args, kwargs).to(cd)
+
+    def attn_out(mod, args, out):
+        vm = valid.to(out.device)
+        a = args[0].to(cd)[vm]
+        r = state["h"][vm] + out.to(cd)[vm]
+        lp.attn_out = _ridge(a, rc.to(device=out.device, dtype=cd)[vm] - r, ridge, rank, rank_method)
+        return out + side_path(lp.attn_out, args[0], cd).to(out.dtype)
 
     def mlp_pre(mod, args, kwargs):
         z = first_arg(args, kwargs).to(cd)
@@ -192,7 +221,7 @@ def _fit_layer(model, block, lp: LayerPatch, zc: Tensor, rc: Tensor, ids, pos, v
         dz = zc.to(device=z.device, dtype=cd)[vm] - zk
         for name, m in b.inputs.items():
             W = linear_weight(m, conv1d).to(cd)
-            lp.inputs[name] = _ridge(zk, dz @ W.T, ridge, rank)
+            lp.inputs[name] = _ridge(zk, dz @ W.T, ridge, rank, rank_method)
         state["delta"] = rc.to(device=z.device, dtype=cd)[vm] - state["r"][vm]
         if slot == "bias":
             lp.out_bias = state["delta"].mean(0)
@@ -200,7 +229,7 @@ def _fit_layer(model, block, lp: LayerPatch, zc: Tensor, rc: Tensor, ids, pos, v
 
     def out_weight(mod, args, out):
         g = args[0].to(cd)[valid.to(args[0].device)]
-        lp.out_weight = _ridge(g, state["delta"], ridge, rank)
+        lp.out_weight = _ridge(g, state["delta"], ridge, rank, rank_method)
         raise _Stop
 
     def out_scale(mod, args, out):
@@ -210,6 +239,8 @@ def _fit_layer(model, block, lp: LayerPatch, zc: Tensor, rc: Tensor, ids, pos, v
         raise _Stop
 
     H = tap_residual(b, lambda r: state.__setitem__("r", r), lambda x: x.to(cd))
+    if attn is not None:
+        H += [b.block.register_forward_pre_hook(block_pre, with_kwargs=True), attn.register_forward_hook(attn_out)]
     H.append(b.mlp.register_forward_pre_hook(mlp_pre, with_kwargs=True))
     if slot == "weight":
         H.append(b.output.register_forward_hook(out_weight))
@@ -229,18 +260,23 @@ def _fit_layer(model, block, lp: LayerPatch, zc: Tensor, rc: Tensor, ids, pos, v
 
 def fit_layers(model: nn.Module, zc: list[Tensor], rc: list[Tensor], ids: Tensor, pos: Tensor, valid: Tensor, *,
                slot: str, ridge: float, rank: int | None, attention_mask: Tensor | None = None,
-               progress: Callable[[int], None] | None = None) -> list[LayerPatch]:
+               progress: Callable[[int], None] | None = None, attention: bool = False,
+               rank_method: str = "svd") -> list[LayerPatch]:
     """The layer-by-layer ridge fit: block ℓ is fitted on the context-free states that the already fitted
-    blocks < ℓ produce (their patches applied), against the with-context targets ``zc[ℓ]``, ``rc[ℓ]``."""
+    blocks < ℓ produce (their patches applied), against the with-context targets ``zc[ℓ]``, ``rc[ℓ]``
+    (``attention``: also ΔW_o on the attention output projection, first in each block)."""
     adapter = get_adapter(model)
     cd = compute_dtype(next(model.parameters()).dtype)
     blocks = adapter.resolve(model)
     layers = [LayerPatch() for _ in blocks]
-    handles = static_hooks(model, layers, slot)      # applies layers < ℓ (and ℓ's inputs once fitted)
+    path = attention_path(model) if attention else None
+    attns = attention_modules(model, path) if attention else [None] * len(blocks)
+    handles = static_hooks(model, layers, slot, path)      # applies layers < ℓ (and ℓ's patches once fitted)
     try:
         for b in blocks:
             _fit_layer(model, b, layers[b.index], zc[b.index], rc[b.index], ids, pos, valid, slot=slot,
-                       conv1d=adapter.conv1d, ridge=ridge, rank=rank, cd=cd, attention_mask=attention_mask)
+                       conv1d=adapter.conv1d, ridge=ridge, rank=rank, cd=cd, attention_mask=attention_mask,
+                       attn=attns[b.index], rank_method=rank_method)
             if progress is not None:
                 progress(b.index)
     finally:
@@ -267,6 +303,7 @@ def check_rank(model: nn.Module, rank: int | None) -> None:
 def fit_static(model: nn.Module, context_ids: Tensor, calibration_queries: Sequence[Tensor] | Tensor, *,
                ridge: float = 1e-3, rank: int | None = None, output_patch: str | OutputPatch = "auto",
                seed: int | None = None, keep_prefix: int = 0, renumber_positions: bool = False,
+               attention: bool = False, rank_method: str = "svd",
                progress: Callable[[int], None] | None = None) -> StaticPatches:
     """Fit a static (query-independent) adapter of ``context_ids`` on calibration queries, layer by layer.
 
@@ -276,7 +313,10 @@ def fit_static(model: nn.Module, context_ids: Tensor, calibration_queries: Seque
             context (its with-context targets sit at positions n..n+T−1).
         ridge: λ = ridge · mean ‖key‖² (0: minimum-norm least squares; one calibration token is then reproduced
             exactly).
-        rank: keep at most this rank per matrix (best rank-r approximation of the ridge solution); None: full.
+        rank: keep at most this rank per matrix; None: full.
+        rank_method: how ``rank`` truncates: "svd" (default): the best rank-r approximation of the ridge solution
+            ΔW (weight space); "rrr": reduced-rank ridge regression, the best rank-r patch for the fit's own
+            objective (the error on the calibration tokens' outputs, plus the ridge term).
         output_patch: "auto" (bias if the MLP output matrix has one, else weight; Gemma-2/3: scale), "bias",
             "weight".
         seed: recorded in the metadata (e.g. the seed that drew random calibration queries).
@@ -286,6 +326,10 @@ def fit_static(model: nn.Module, context_ids: Tensor, calibration_queries: Seque
         renumber_positions: False (default): the query keeps its with-context positions n..n+T−1; True: the
             context-free input [kept prefix, query] runs at positions 0.. (the drop-in setting:
             ``keep_prefix=1, renumber_positions=True``).
+        attention: also fit a patch ΔW_o on every block's attention output projection (o_proj / c_proj), by the
+            same ridge least squares on its input a against the residual mismatch r_C − r right after attention,
+            before the MLP's fit (``_attention_slot.py``; GPT-2 and Llama-like families). Exported by ``to_peft``
+            and ``merge`` like the MLP matrices.
         progress: called with each finished layer index.
     """
     require_hf_model(model)
@@ -294,9 +338,12 @@ def fit_static(model: nn.Module, context_ids: Tensor, calibration_queries: Seque
         raise ContextPatchError(f"static adapters do not support MoE yet ({adapter.name}): the router's top-k "
                                 "choice is not linear in a static patch; use extract() for exact per-token patches")
     ctx = check_context(model, adapter, context_ids)
+    path = attention_path(model) if attention else None
     if not ridge >= 0:
         raise ContextPatchError(f"ridge must be ≥ 0, got {ridge}")
     check_rank(model, rank)
+    if rank_method not in RANK_METHODS:
+        raise ContextPatchError(f"rank_method must be one of {RANK_METHODS}, got {rank_method!r}")
     slot = resolve_slot(adapter, model, output_patch)
     if slot == "stable":       # the stable variant is a per-token construction; a static fit uses the scale slot
         slot = "scale"
@@ -308,14 +355,17 @@ def fit_static(model: nn.Module, context_ids: Tensor, calibration_queries: Seque
         zc = [torch.cat([a.to(b.device), b], 1) for a, b in zip(pz, zc, strict=True)]
         rc = [torch.cat([a.to(b.device), b], 1) for a, b in zip(pr, rc, strict=True)]
     ids, pos, valid = _context_free_batch(model, ctx, ids, valid, keep_prefix, renumber_positions)
-    layers = fit_layers(model, zc, rc, ids, pos, valid, slot=slot, ridge=float(ridge), rank=rank, progress=progress)
+    layers = fit_layers(model, zc, rc, ids, pos, valid, slot=slot, ridge=float(ridge), rank=rank, progress=progress,
+                        attention=attention, rank_method=rank_method)
     meta = build_meta(model, adapter, slot, kind="static",
                       variant="static adapter: ridge least squares over calibration tokens",
                       context_ids=[int(t) for t in ctx.tolist()], context_length=int(ctx.numel()),
                       num_calibration_queries=int(ids.shape[0]), num_calibration_tokens=int(valid.sum()),
                       keep_prefix=keep_prefix, renumber_positions=renumber_positions,
                       query_positions="p..p+T-1" if renumber_positions else "n..n+T-1", ridge=float(ridge),
-                      ridge_convention="lambda = ridge * mean ||key||^2", rank=rank, seed=seed, conv1d=adapter.conv1d)
+                      **({"rank_method": rank_method} if rank_method != "svd" else {}),
+                      ridge_convention="lambda = ridge * mean ||key||^2", rank=rank, seed=seed, conv1d=adapter.conv1d,
+                      **({"attention": True, "attention_module": path} if attention else {}))
     return StaticPatches(layers, meta)
 
 

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from .._errors import PatchFileError
 from .._patches import LowRankPatch, ScalePatch, VectorPatch
 from ..adapters import get_adapter
+from ._attention_slot import attention_modules
 from ._export import merge, save_merged, to_peft
 from ._files import load_patch_dir, save_patch_dir
 from ._identity import check_same_model
@@ -33,19 +34,21 @@ from ._records import LayerPatch, PatchMeta, side_path
 __all__ = ["StaticPatches", "static_hooks"]
 
 FORMAT, _NAME = "contextpatch-static", "static"
+_ATTN = "\0attention"          # hook key of the attention-output patch (never a module path)
 
 
-def static_hooks(model: nn.Module, layers: list[LayerPatch], slot: str) -> list:
+def static_hooks(model: nn.Module, layers: list[LayerPatch], slot: str, attention: str | None = None) -> list:
     """Forward hooks adding the static patches of ``layers`` to every token; returns the handles.
 
     Patches are looked up at call time, so a record filled during a forward pass (the fit) applies from then on.
+    ``attention``: the block-relative path of the attention output projection carrying ``attn_out`` (or None).
     """
     cd = compute_dtype(next(model.parameters()).dtype)
     handles = []
 
     def lowrank(lp: LayerPatch, name: str | None):
         def hook(mod, args, out):
-            p = lp.inputs.get(name) if name is not None else lp.out_weight
+            p = lp.out_weight if name is None else lp.attn_out if name == _ATTN else lp.inputs.get(name)
             return out if p is None else out + side_path(p, args[0], cd).to(out.dtype)
         return hook
 
@@ -62,6 +65,9 @@ def static_hooks(model: nn.Module, layers: list[LayerPatch], slot: str) -> list:
             return out + (lp.out_scale.to(device=u.device, dtype=cd) * u).to(out.dtype)
         return hook
 
+    if attention is not None:
+        for mod, lp in zip(attention_modules(model, attention), layers, strict=True):
+            handles.append(mod.register_forward_hook(lowrank(lp, _ATTN)))
     for b, lp in zip(get_adapter(model).resolve(model), layers, strict=True):
         for name, mod in b.inputs.items():
             handles.append(mod.register_forward_hook(lowrank(lp, name)))
@@ -91,6 +97,11 @@ class StaticPatches:
         return self.meta.slot
 
     @property
+    def attention_module(self) -> str | None:
+        """Block-relative path of the attention output projection patched (``attention=True``), else None."""
+        return self.meta.options.get("attention_module") if self.meta.options.get("attention") else None
+
+    @property
     def context_ids(self) -> Tensor:
         return torch.tensor(self.meta.options["context_ids"], dtype=torch.long)
 
@@ -104,24 +115,27 @@ class StaticPatches:
     # --- typed views / summary ------------------------------------------------------------
     def layer_patches(self, layer: int) -> dict[str, LowRankPatch | VectorPatch | ScalePatch]:
         """Layer ``layer`` as typed patches keyed by module path (matrices in nn.Linear orientation)."""
-        return self.layers[layer].by_module(self.meta.output_module, self.meta.scale_module)
+        return self.layers[layer].by_module(self.meta.output_module, self.meta.scale_module, self.attention_module)
 
     def summary(self) -> list[dict[str, Any]]:
         """Per layer: ‖ΔW_in‖_F (all input matrices), its size relative to ‖W_in‖, the largest input rank, the
-        output slot, ‖Δb‖ / ‖ΔW_out‖_F / ‖Δs‖ (relative to ‖W_out‖ or ‖s‖ where known) and the output rank."""
+        output slot, ‖Δb‖ / ‖ΔW_out‖_F / ‖Δs‖ (relative to ‖W_out‖ or ‖s‖ where known), the output rank and
+        ‖ΔW_o‖_F of the attention-output patch (None without one)."""
         rows = []
         norms = self.meta.weight_norms or [{}] * self.num_layers
         for i in range(self.num_layers):
             typed = self.layer_patches(i)
             ins = [p for k, p in typed.items() if k in self.meta.input_modules]
             d_in = float(sum(float(p.norm()) ** 2 for p in ins) ** 0.5)
+            attn = typed.pop(self.attention_module, None) if self.attention_module else None
             out = next(p for k, p in typed.items() if k not in self.meta.input_modules)
             d_out = float(out.norm())
             ref_out = norms[i].get("scale" if self.slot == "scale" else "out")
             rows.append({"layer": i, "dW_in": d_in, "dW_in_rel": d_in / norms[i]["in"] if norms[i].get("in") else None,
                          "rank_in": max(p.rank for p in ins), "out": self.slot, "d_out": d_out,
                          "d_out_rel": d_out / ref_out if ref_out and self.slot != "bias" else None,
-                         "rank_out": out.rank if isinstance(out, LowRankPatch) else None})
+                         "rank_out": out.rank if isinstance(out, LowRankPatch) else None,
+                         "dW_attn": float(attn.norm()) if attn is not None else None})
         return rows
 
     # --- apply ---------------------------------------------------------------------------
@@ -137,7 +151,7 @@ class StaticPatches:
         """While active, every forward pass of ``model`` (any tokens, batch size, length) runs with the static
         patches as side paths. The parameters are never modified; the hooks are removed on exit."""
         self.check_model(model)
-        handles = static_hooks(model, self.layers, self.slot)
+        handles = static_hooks(model, self.layers, self.slot, self.attention_module)
         try:
             yield model
         finally:
