@@ -184,6 +184,28 @@ def test_gpt2_twin_builds_with_4096_positions():
         make_config("bert")
 
 
+def test_sinusoid_position_init_follows_the_formula_and_is_gpt2_only():
+    """position_init='sinusoid': GPT-2's learned positions start at sin/cos(p / 10000^(2i/d)) (entries recomputed
+    with math here), each row scaled to the token embeddings' mean row norm; Llama (RoPE) refuses it."""
+    import math
+
+    from contextpatch.zoo.train import _make
+
+    cfg = TrainConfig(arch="gpt2", width=16, layers=1, heads=2, position_init="sinusoid")
+    model, _ = _make(cfg)
+    wpe, wte = model.transformer.wpe.weight.detach(), model.transformer.wte.weight.detach()
+    c = float(wte.norm(dim=-1).mean()) / math.sqrt(8)
+    for p_, i in [(0, 0), (5, 2), (4095, 7), (123, 0)]:
+        assert float(wpe[p_, 2 * i]) == pytest.approx(c * math.sin(p_ / 10000 ** (2 * i / 16)), abs=1e-6)
+        assert float(wpe[p_, 2 * i + 1]) == pytest.approx(c * math.cos(p_ / 10000 ** (2 * i / 16)), abs=1e-6)
+    plain, _ = _make(replace(cfg, position_init="normal"))
+    assert float((plain.transformer.wpe.weight.detach() - wpe).abs().max()) > 1e-2   # control: the default differs
+    with pytest.raises(ContextPatchError, match="RoPE"):
+        _make(replace(cfg, arch="llama"))
+    with pytest.raises(ContextPatchError, match="position_init"):
+        _make(replace(cfg, position_init="learned"))
+
+
 @pytest.mark.parametrize("name", ["icl-llama", "icl-gpt2"])
 def test_shipped_model_loads_with_plain_transformers_and_reproduces_its_accuracy(name):
     """The shipped folder is a standard HF checkpoint (AutoModel/AutoTokenizer, no contextpatch code), its

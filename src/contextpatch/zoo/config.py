@@ -38,6 +38,9 @@ class TrainConfig:
     function_p: int = 11
     function_slopes: tuple[int, ...] = (1,)
     function_noise: float = 0.1
+    # GPT-2 only: "normal" (HF's N(0, 0.02) learned positions) or "sinusoid" (the learned positions start from the
+    # sinusoids of Vaswani et al. 2017, scaled to the token embeddings' row norm; models.sinusoid_positions)
+    position_init: str = "normal"
     probe: bool = False  # a short probe run, not the full recipe
     stop_at: int | None = None  # end the run at this step (the schedule still spans ``steps``); None: ``steps``
     init_from: str | None = None  # a zoo model folder whose weights start this run (a second training phase)

@@ -14,7 +14,7 @@ import torch
 from .tasks import vocabulary
 from .tokenizer import BOS, EOS, PAD
 
-__all__ = ["ARCHS", "make_config", "make_model", "count_params"]
+__all__ = ["ARCHS", "make_config", "make_model", "count_params", "sinusoid_positions"]
 
 ARCHS = ("llama", "gpt2")
 MAX_POSITIONS = 4096
@@ -57,3 +57,19 @@ def make_model(arch: str, *, seed: int, width: int | None = None, layers: int | 
 
 def count_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def sinusoid_positions(n: int, d: int, *, row_norm: float) -> torch.Tensor:
+    """(n, d) sinusoidal position table (Vaswani et al. 2017), each row scaled to norm ``row_norm``:
+
+        P[p, 2i] = sin(p / 10000^(2i/d)),  P[p, 2i+1] = cos(p / 10000^(2i/d))
+
+    P[p + k] is a fixed rotation of P[p] for every p, so attention can find "the previous token" linearly from
+    the first step; a GPT-2 whose learned positions start at N(0, 0.02) has no such structure to begin with."""
+    pos = torch.arange(n, dtype=torch.float64)[:, None]
+    freq = 10000.0 ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
+    table = torch.zeros(n, d, dtype=torch.float64)
+    table[:, 0::2] = torch.sin(pos * freq)
+    table[:, 1::2] = torch.cos(pos * freq)[:, : d // 2]
+    return (table * (row_norm / (d / 2) ** 0.5)).float()
+

@@ -26,7 +26,7 @@ from .._errors import ContextPatchError
 from .._io import atomic_write_json, atomic_write_with, ensure_out_dir
 from .config import ZOO_FORMAT, TrainConfig
 from .data import sample_batch, tasks_for
-from .models import count_params, make_model
+from .models import count_params, make_model, sinusoid_positions
 
 __all__ = ["TrainConfig", "train", "lr_at", "loss_fn", "estimate_steps", "checkpoint_model", "finish_from_checkpoint",
            "ZOO_FORMAT"]
@@ -51,6 +51,14 @@ def loss_fn(model: torch.nn.Module, ids: torch.Tensor, weights: torch.Tensor) ->
 
 def _make(cfg: TrainConfig):
     model = make_model(cfg.arch, seed=cfg.seed, width=cfg.width, layers=cfg.layers, heads=cfg.heads, mlp=cfg.mlp)
+    if cfg.position_init not in ("normal", "sinusoid"):
+        raise ContextPatchError(f"position_init must be 'normal' or 'sinusoid', got {cfg.position_init!r}")
+    if cfg.position_init == "sinusoid":
+        if cfg.arch != "gpt2":
+            raise ContextPatchError("position_init='sinusoid' is for GPT-2 (learned positions); Llama uses RoPE")
+        wpe, wte = model.transformer.wpe.weight, model.transformer.wte.weight
+        with torch.no_grad():
+            wpe.copy_(sinusoid_positions(*wpe.shape, row_norm=float(wte.norm(dim=-1).mean())))
     model.set_attn_implementation("sdpa")  # training only (≈1.3× faster on CPU); saved and shipped as eager
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     other = [p for n, p in model.named_parameters() if p.ndim < 2]
