@@ -284,3 +284,14 @@ def test_finish_from_checkpoint_records_where_an_interrupted_run_stopped(tmp_pat
     again, _ = load_zoo_model(tmp_path / "s")
     assert meta2["steps_done"] == 4 and meta2["steps"] == 10
     assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), model.state_dict().values(), strict=True))
+
+
+def test_training_curve_offsets_later_phases_and_plots(tmp_path):
+    from contextpatch.zoo.evaluate import plot_training, training_curve
+
+    p1 = {"steps": 6000, "steps_done": 30, "loss_history": [[10, 3.0, 1.0], [20, 2.0, 2.0], [30, 1.5, 3.0]]}
+    p2 = {"steps": 20, "steps_done": 20, "loss_history": [[10, 1.0, 1.0], [20, 0.5, 2.0]]}
+    steps, losses, starts = training_curve([p1, p2])
+    assert steps == [10, 20, 30, 40, 50] and losses == [3.0, 2.0, 1.5, 1.0, 0.5] and starts == [0, 30]
+    plot_training({"two phases": [p1, p2]}, tmp_path / "loss.png", smooth=2)
+    assert (tmp_path / "loss.png").stat().st_size > 1000

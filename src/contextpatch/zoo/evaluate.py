@@ -23,7 +23,7 @@ from .._errors import ContextPatchError
 from .data import collate, encode_example, tasks_for
 from .tasks import FAMILIES
 
-__all__ = ["SHOTS", "evaluate_model", "evaluate", "load_zoo_model", "plot"]
+__all__ = ["SHOTS", "evaluate_model", "evaluate", "load_zoo_model", "plot", "plot_training"]
 
 SHOTS = {"function": (0, 1, 2, 4, 8, 16, 32), "facts": (1, 2, 4, 8, 16, 32), "instruction": (0, 1, 2, 4, 8)}
 _HEADLINE_MIN_SHOTS = {"function": 16, "facts": 0, "instruction": 0}
@@ -134,3 +134,44 @@ def plot(result: dict, path: Path | str) -> None:
         ax.set_title(f"{result['model']}: {fam}")
     axes[0][0].legend(loc="best", fontsize=8)
     save_figure(fig, path)
+
+
+def training_curve(phases: list[dict]) -> tuple[list[int], list[float], list[int]]:
+    """(steps, losses, phase starts) of consecutive training phases (their zoo.json dicts, first phase first):
+    phase j's steps are offset by the ``steps_done`` of the phases before it."""
+    steps, losses, starts, offset = [], [], [], 0
+    for meta in phases:
+        starts.append(offset)
+        for s, loss, *_ in meta.get("loss_history", []):
+            steps.append(offset + int(s))
+            losses.append(float(loss))
+        offset += int(meta.get("steps_done", meta.get("steps", 0)))
+    return steps, losses, starts
+
+
+def plot_training(runs: dict[str, list[dict]], path: Path | str, *, smooth: int = 20) -> None:
+    """Training loss (answer tokens, moving average over ``smooth`` logged points) vs step, one line per run; a
+    run is a list of consecutive phases (zoo.json dicts); a dotted line marks where a later phase starts."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from .._io import save_figure
+
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    for label, phases in runs.items():
+        steps, losses, starts = training_curve(phases)
+        if not steps:
+            continue
+        k = max(1, min(smooth, len(losses)))
+        avg = np.convolve(losses, np.ones(k) / k, mode="valid")
+        line, = ax.plot(steps[k - 1:], avg, label=label)
+        for s in starts[1:]:
+            ax.axvline(s, color=line.get_color(), ls=":", lw=1)
+    ax.set_xlabel("training step (batch 16)")
+    ax.set_ylabel(f"answer-token loss (moving average of {smooth} × 10 steps)")
+    ax.legend(loc="best", fontsize=8)
+    save_figure(fig, path)
+
