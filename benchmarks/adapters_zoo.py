@@ -363,6 +363,7 @@ def main(argv=None) -> int:
     out = a.out or ROOT / "runs" / ("adapters_zoo_quick" if a.quick else "adapters_zoo")
     fig_path = a.figure or out / "adapters_zoo.png"
     from contextpatch._io import atomic_write_json, ensure_out_dir
+    from contextpatch.study.adapter_diagnostics import diagnostics
     from contextpatch.study.adapters import INSTRUCTIONS, calibration_sweep, compare_methods, zoo_contexts
 
     ensure_out_dir(out)
@@ -379,7 +380,7 @@ def main(argv=None) -> int:
         for c in contexts:
             results.append(compare_methods(model, c, ranks=ranks, lora_rank=a.lora_rank, steps=a.steps, lr=a.lr,
                                            hybrid_lr=a.hybrid_lr, eval_every=a.eval_every, ridge=a.ridge,
-                                           diagnose=True, output_patch=a.output_patch, seed=a.seed))
+                                           diagnose=diagnostics, output_patch=a.output_patch, seed=a.seed))
             print(f"  {desc['name']}: {c.name} done ({time.perf_counter() - t0:.0f} s)", flush=True)
         rows, b, diag = family_table(results), bars(results), diagnostics_summary(results)
         print_table(desc, rows, b)

@@ -122,7 +122,7 @@ def test_compare_methods_plumbing_on_a_tiny_random_model():
     model.set_attn_implementation("eager")
     c = _tiny_context()
     res = A.compare_methods(model, c, ranks=(2, None), lora_rank=2, steps=4, eval_every=2, ridges=(1e-2, 1.0),
-                            diagnose=True)
+                            diagnose=D.diagnostics)
     json.dumps(res)                                             # JSON-able
     assert set(res["static"]) == {"drop_in", "fitted"} and set(res["static"]["drop_in"]) == {"r2", "full"}
     assert set(res["static_attn"]["drop_in"]) == {"r2", "full"} and res["static_cv"]["drop_in"]["full"]["ridge"] in (

@@ -17,9 +17,10 @@ import torch
 from torch import Tensor, nn
 
 from .._errors import ContextPatchError
-from .adapters import FixedContext, Query, QueryBatch, run_queries
+from .adapters import DROP_IN, FixedContext, Query, QueryBatch, run_queries
 
-__all__ = ["residual_mismatch", "context_attention", "kl_by_position"]
+__all__ = ["residual_mismatch", "context_attention", "kl_by_position", "attention_features", "linear_explained",
+           "head_correction", "diagnostics"]
 
 
 def residual_mismatch(model: nn.Module, context: FixedContext, queries: Sequence[Query], adapted=None, *,
@@ -192,7 +193,7 @@ def head_correction(model: nn.Module, context: FixedContext, static, *, ridge: f
     """A last closed-form round in logit space: with ``static`` applied, fit ΔW_U on the LM head's input h so that
     ΔW_U h matches the centred logit gap (with context − adapter) on the calibration queries (ridge least
     squares); held-out KL / accuracy without and with it (drop-in convention)."""
-    from .adapters import DROP_IN, answer_accuracy, score, with_context
+    from .adapters import answer_accuracy, score, with_context
 
     def run(queries):
         batch = run_queries(model, context, queries, **DROP_IN)
@@ -213,3 +214,29 @@ def head_correction(model: nn.Module, context: FixedContext, static, *, ridge: f
     before, after = score(lh, th, bh.valid, context.held_out), score(lh + hh @ W, th, bh.valid, context.held_out)
     return {"before": before, "after": after, "ridge": ridge,
             "calibration_accuracy_after": answer_accuracy(lc + hc @ W, context.calibration)}
+
+
+def diagnostics(model, context: FixedContext, batch: QueryBatch, teacher: Tensor, adapted: dict) -> dict:
+    """Every diagnostic of one context for ``compare_methods(..., diagnose=diagnostics)``: the context's attention
+    share, the residual mismatch per layer and the KL per query-token index of each adapted model in ``adapted``
+    (a StaticPatches or a peft model; None skipped), the logit-space head correction of ``adapted["static_attn"]``
+    and the linear-explained shares of layers 0 and 1 (None where the family has no separate value projection)."""
+
+    res: dict = {"context_attention": context_attention(model, context, context.held_out), "mismatch": {},
+                 "kl_by_position": {}, "head_correction": head_correction(model, context, adapted["static_attn"])}
+    try:
+        res["linear_explained"] = {str(layer): linear_explained(model, context, layer=layer) for layer in (0, 1)}
+    except ContextPatchError:           # GPT-2's fused c_attn has no separate value projection to read
+        res["linear_explained"] = None
+    for name, a in adapted.items():
+        if a is None:
+            continue
+        res["mismatch"][name] = residual_mismatch(model, context, context.held_out, a, **DROP_IN)
+        if hasattr(a, "applied"):
+            with a.applied(model), torch.no_grad():
+                logits = model(input_ids=batch.ids, position_ids=batch.pos).logits[:, batch.p:]
+        else:
+            with torch.no_grad():
+                logits = a(input_ids=batch.ids, position_ids=batch.pos).logits[:, batch.p:]
+        res["kl_by_position"][name] = kl_by_position(logits, teacher, batch.valid)
+    return res

@@ -291,7 +291,7 @@ def _rank_key(rank: int | None) -> str:
 def compare_methods(model: nn.Module, context: FixedContext, *, ranks: Sequence[int | None] = (1, 4, 16, None),
                     lora_rank: int = 4, steps: int = 150, lr: float = 1e-2, hybrid_lr: float = 3e-3,
                     eval_every: int = 5, ridge: float = 1e-3, ridges: Sequence[float] = (1e-3, 1e-2, 1e-1, 1.0),
-                    all_linear: bool = True, diagnose: bool = False, output_patch: str = "auto",
+                    all_linear: bool = True, diagnose: Callable | None = None, output_patch: str = "auto",
                     seed: int = 0) -> dict:
     """Every method on one fixed context, same calibration and held-out queries. Returns a JSON-able dict:
 
@@ -310,7 +310,8 @@ def compare_methods(model: nn.Module, context: FixedContext, *, ranks: Sequence[
         distill_mlp, distill_all  LoRA rank ``lora_rank`` on the MLP matrices / all linear layers, drop-in inputs
         hybrid, hybrid_attn       distillation from static/drop_in/r{lora_rank} and static_attn/drop_in/r{lora_rank}
 
-    ``diagnose``: also ``diagnostics`` (``adapter_diagnostics``): the context's attention share per layer, and
+    ``diagnose``: a diagnostics function (``adapter_diagnostics.diagnostics``; passed in so that the diagnostics
+    module can import this one and not the reverse), adding ``diagnostics``: the context's attention share, and
     per method (static default, CV ridge, + attention, MLP LoRA distillation) the residual mismatch per layer and
     the KL per query-token index on the held-out queries.
     """
@@ -384,7 +385,7 @@ def compare_methods(model: nn.Module, context: FixedContext, *, ranks: Sequence[
     def distill(name: str, **kw) -> None:
         res = distill_lora(model, context.context_ids, cal, [q.ids for q in held], rank=lora_rank, steps=steps,
                            eval_every=eval_every, seed=seed, eval_metrics=metrics, **kw)
-        if diagnose and name == "distill_mlp":
+        if diagnose is not None and name == "distill_mlp":
             diag["distill_mlp"] = res.model
         last = dict(res.history[-1])
         last["recovered"] = recovered_share(last["accuracy"], acc_none, acc_ctx)
@@ -397,41 +398,12 @@ def compare_methods(model: nn.Module, context: FixedContext, *, ranks: Sequence[
         distill("hybrid", init=keep[("static", "drop_in", lora_rank)], lr=hybrid_lr)
         distill("hybrid_attn", init=keep[("static_attn", "drop_in", lora_rank)], lr=hybrid_lr)
     out["bars"] = context_bars(out, lora_rank=lora_rank)
-    if diagnose:
-        out["diagnostics"] = _diagnostics(model, context, batches["drop_in"], teacher, {
+    if diagnose is not None:
+        out["diagnostics"] = diagnose(model, context, batches["drop_in"], teacher, {
             "static": keep[("static", "drop_in", None)] if ("static", "drop_in", None) in keep else None,
             "static_cv": keep[("static_cv", "drop_in", None)], "static_attn": keep[("static_attn", "drop_in", None)],
             "distill_mlp": diag.get("distill_mlp")})
     return out
-
-
-def _diagnostics(model, context: FixedContext, batch: QueryBatch, teacher: Tensor, adapted: dict) -> dict:
-    from .adapter_diagnostics import (
-        context_attention,
-        head_correction,
-        kl_by_position,
-        linear_explained,
-        residual_mismatch,
-    )
-
-    res: dict = {"context_attention": context_attention(model, context, context.held_out), "mismatch": {},
-                 "kl_by_position": {}, "head_correction": head_correction(model, context, adapted["static_attn"])}
-    try:
-        res["linear_explained"] = {str(layer): linear_explained(model, context, layer=layer) for layer in (0, 1)}
-    except ContextPatchError:           # GPT-2's fused c_attn has no separate value projection to read
-        res["linear_explained"] = None
-    for name, a in adapted.items():
-        if a is None:
-            continue
-        res["mismatch"][name] = residual_mismatch(model, context, context.held_out, a, **DROP_IN)
-        if hasattr(a, "applied"):
-            with a.applied(model), torch.no_grad():
-                logits = model(input_ids=batch.ids, position_ids=batch.pos).logits[:, batch.p:]
-        else:
-            with torch.no_grad():
-                logits = a(input_ids=batch.ids, position_ids=batch.pos).logits[:, batch.p:]
-        res["kl_by_position"][name] = kl_by_position(logits, teacher, batch.valid)
-    return res
 
 
 def context_bars(res: dict, *, lora_rank: int = 4) -> dict:

@@ -223,10 +223,20 @@ def explicit_finetune(model: nn.Module, *, n: int = 16, n_tune: int = 8, shots: 
         if progress is not None:
             progress(1)
     a_s, a_c = np.array(align_step), np.array(align_cum)       # (n, L, k)
-    return {"matrices": names, "prompts": n, "tune_prompts": n_tune, "shots": shots, "seed": seed,
+    return {"alignment_undefined": int(np.isnan(a_s).sum()),    # steps where an update was exactly zero
+            "matrices": names, "prompts": n, "tune_prompts": n_tune, "shots": shots, "seed": seed,
             "lr_grid": {str(k): v for k, v in final.items()}, "lr": best,
             "query_nll_sgd": np.mean(sgd_nll, 0).tolist(), "query_nll_with_context": np.mean(ctx_nll, 0).tolist(),
-            "alignment_step": np.nanmean(a_s, 0).tolist(), "alignment_cumulative": np.nanmean(a_c, 0).tolist(),
-            "alignment_step_mean": np.nanmean(a_s, (0, 2)).tolist(),
-            "alignment_step_positive_share": float((a_s > 0).mean()),
-            "alignment_cumulative_final": np.nanmean(a_c[:, :, -1], 0).tolist()}
+            "alignment_step": _nanmean(a_s, 0), "alignment_cumulative": _nanmean(a_c, 0),
+            "alignment_step_mean": _nanmean(a_s, (0, 2)),
+            "alignment_step_positive_share": float((a_s > 0).sum() / max(1, (~np.isnan(a_s)).sum())),
+            "alignment_cumulative_final": _nanmean(a_c[:, :, -1], 0)}
+
+
+def _nanmean(x: np.ndarray, axis) -> list:
+    """Mean over ``axis`` ignoring undefined (NaN: a zero-norm update) entries; None where every entry is
+    undefined (never a NaN in metrics.json)."""
+    defined = ~np.isnan(x)
+    count = defined.sum(axis)
+    mean = np.where(defined, x, 0.0).sum(axis) / np.maximum(count, 1)
+    return np.where(count > 0, mean, None).tolist()
