@@ -284,3 +284,25 @@ def test_encoder_prefix_is_reproduced_exactly_on_its_calibration_sentence():
     assert float((out - ref).abs().max()) <= 1e-10 and float((plain - ref).abs().max()) > 1e-2
     with pytest.raises(ContextPatchError, match="causal"):
         fit_static_encoder(tiny_model("llama"), prefix, [s])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_applied_hooks_equal_the_merged_weights_and_follow_edits_of_the_factors(dtype):
+    """The hooks' fast path (factors cast once, cached) computes W x + U (Vᵀ x) like the merged weights, on every
+    call; an in-place edit of a factor (zeroing U of every matrix) is picked up by the next call."""
+    model = tiny_model("llama", dtype=dtype, seed=0)
+    static = fit_static(model, _ids((9,), 1), [_ids((4,), 2), _ids((5,), 3)], rank=4)
+    x = _ids((2, 6), 4)
+    pos = torch.arange(6).expand(2, 6)
+    merged = static.merge(model)
+    plain = _logits(model, x, pos)
+    with static.applied(model):
+        first, second = _logits(model, x, pos), _logits(model, x, pos)
+        tol = 1e-12 if dtype == torch.float64 else 1e-5 * float(first.abs().max())
+        assert float((first - _logits(merged, x, pos)).abs().max()) <= tol
+        assert torch.equal(first, second) and float((first - plain).abs().max()) > 1e-2      # control
+        for lp in static.layers:
+            for p in [*lp.inputs.values(), lp.out_weight]:
+                if isinstance(p, LowRankPatch):
+                    p.U.mul_(0)
+        assert float((_logits(model, x, pos) - plain).abs().max()) <= 1e-12              # the edit is seen

@@ -47,9 +47,21 @@ def static_hooks(model: nn.Module, layers: list[LayerPatch], slot: str, attentio
     handles = []
 
     def lowrank(lp: LayerPatch, name: str | None):
+        cache: dict = {}    # (id, tensor versions, device) of the patch -> (patch, V, Uᵀ) in the compute dtype
+
         def hook(mod, args, out):
             p = lp.out_weight if name is None else lp.attn_out if name == _ATTN else lp.inputs.get(name)
-            return out if p is None else out + side_path(p, args[0], cd).to(out.dtype)
+            if p is None:
+                return out
+            x = args[0]
+            if p.U.dim() != 2 or x.dtype != cd or out.dtype != cd:
+                return out + side_path(p, x, cd).to(out.dtype)
+            key = (id(p), p.U._version, p.V._version, x.device)
+            if key not in cache:      # fast path (generation): one matmul and one fused add per call
+                cache.clear()
+                cache[key] = (p, p.V.to(device=x.device, dtype=cd), p.U.to(device=x.device, dtype=cd).T.contiguous())
+            _, V, Ut = cache[key]
+            return torch.addmm(out.reshape(-1, out.shape[-1]), x.reshape(-1, x.shape[-1]) @ V, Ut).view(out.shape)
         return hook
 
     def bias(lp: LayerPatch):
@@ -65,18 +77,21 @@ def static_hooks(model: nn.Module, layers: list[LayerPatch], slot: str, attentio
             return out + (lp.out_scale.to(device=u.device, dtype=cd) * u).to(out.dtype)
         return hook
 
+    def add(mod: nn.Module, fn) -> None:
+        handles.append(mod.register_forward_hook(fn))
+
     if attention is not None:
         for mod, lp in zip(attention_modules(model, attention), layers, strict=True):
-            handles.append(mod.register_forward_hook(lowrank(lp, _ATTN)))
+            add(mod, lowrank(lp, _ATTN))
     for b, lp in zip(get_adapter(model).resolve(model), layers, strict=True):
         for name, mod in b.inputs.items():
-            handles.append(mod.register_forward_hook(lowrank(lp, name)))
+            add(mod, lowrank(lp, name))
         if slot == "bias":
-            handles.append(b.output.register_forward_hook(bias(lp)))
+            add(b.output, bias(lp))
         elif slot == "weight":
-            handles.append(b.output.register_forward_hook(lowrank(lp, None)))
+            add(b.output, lowrank(lp, None))
         elif slot == "scale":
-            handles.append(b.scale_norm.register_forward_hook(scale(lp, norm_eps(b.scale_norm))))
+            add(b.scale_norm, scale(lp, norm_eps(b.scale_norm)))
     return handles
 
 
