@@ -143,8 +143,8 @@ def test_resume_is_bit_exact_and_refuses_another_config(tmp_path):
 
 
 def test_registry_errors_list_available_models():
-    assert list_models() == ["icl-gpt2", "icl-llama"]
-    with pytest.raises(ContextPatchError, match="icl-gpt2, icl-llama"):
+    assert list_models() == ["icl-gpt2", "icl-llama", "icl-llama-induction"]
+    with pytest.raises(ContextPatchError, match="icl-gpt2, icl-llama, icl-llama-induction"):
         path("icl-nope")
 
 
@@ -206,7 +206,7 @@ def test_sinusoid_position_init_follows_the_formula_and_is_gpt2_only():
         _make(replace(cfg, position_init="learned"))
 
 
-@pytest.mark.parametrize("name", ["icl-llama", "icl-gpt2"])
+@pytest.mark.parametrize("name", ["icl-llama", "icl-llama-induction", "icl-gpt2"])
 def test_shipped_model_loads_with_plain_transformers_and_reproduces_its_accuracy(name):
     """The shipped folder is a standard HF checkpoint (AutoModel/AutoTokenizer, no contextpatch code), its
     tokenizer is the zoo's word map, and re-evaluating it with zoo.json's seed gives zoo.json's numbers."""
@@ -223,7 +223,7 @@ def test_shipped_model_loads_with_plain_transformers_and_reproduces_its_accuracy
     tok = AutoTokenizer.from_pretrained(folder)
     text = "mode: reverse ; 4 1 9 => 9 1 4 ; k3 v7 ; 3 -> 4 ;"
     assert tok(text)["input_ids"] == encode_words(text) and tok.decode(encode_words(text)[1:]) == text
-    assert model.config.max_position_embeddings == 4096 if name == "icl-llama" else model.config.n_positions == 4096
+    assert (model.config.max_position_embeddings if "llama" in name else model.config.n_positions) == 4096
     meta = json.loads((folder / "zoo.json").read_text())
     assert meta["parameters"] == sum(p.numel() for p in model.parameters())
     assert (folder / "model.safetensors").stat().st_size < 15 * 2**20

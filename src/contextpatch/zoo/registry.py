@@ -21,8 +21,14 @@ _SHIPPED = dict(width=128, layers=4, heads=4, mlp=512, lr=3e-3,
 #: and 3e-3 while the Llama (RoPE) learned (docs/zoo.md): the twin starts its positions from sinusoids.
 _GPT2 = {**_SHIPPED, "lr": 2e-3, "position_init": "sinusoid",
          "mix": (("function", 0.3), ("facts", 0.2), ("copy", 0.2), ("instruction", 0.3))}
+#: icl-llama-induction: the induction mechanism first (copy task only; it forms at steps 400-700), then the
+#: icl-llama mix. The shipped folder: `zoo train icl-llama --steps 2500 --set mix=copy:1.0 --out A`, interrupted
+#: at step 1,200 (the recipe below: `zoo train icl-llama-induction --steps 2500 --set stop_at=1200 --out A`),
+#: then `zoo train icl-llama --steps 2000 --set init_from=A --out B` (docs/zoo.md). Facts 1.00, instruction 0.93.
+_INDUCTION = {**_SHIPPED, "mix": (("copy", 1.0),)}
 RECIPES = {
     "icl-llama": TrainConfig(name="icl-llama", arch="llama", **_SHIPPED),
+    "icl-llama-induction": TrainConfig(name="icl-llama-induction", arch="llama", **_INDUCTION),
     "icl-gpt2": TrainConfig(name="icl-gpt2", arch="gpt2", **_GPT2),
 }
 
