@@ -23,6 +23,25 @@ __all__ = ["residual_mismatch", "context_attention", "kl_by_position", "attentio
            "head_correction", "diagnostics"]
 
 
+@torch.no_grad()
+def _forward(model: nn.Module, adapted, batch: QueryBatch):
+    """The forward pass of ``batch`` through ``model`` with ``adapted``: a ``StaticPatches`` applied to ``model``,
+    another model (merged adapter, peft student) run instead, or None (``model`` itself)."""
+    if adapted is not None and hasattr(adapted, "applied"):
+        with adapted.applied(model):
+            return model(input_ids=batch.ids, position_ids=batch.pos)
+    return (model if adapted is None else adapted)(input_ids=batch.ids, position_ids=batch.pos)
+
+
+def _with_hooks(handles: list, run) -> None:
+    """``run()``, then remove ``handles`` whatever happens."""
+    try:
+        run()
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def residual_mismatch(model: nn.Module, context: FixedContext, queries: Sequence[Query], adapted=None, *,
                       keep_prefix: int = 1, renumber_positions: bool = True) -> list[dict[str, float]]:
     """Where along the layers the adapted residual stream departs from the with-context one.
@@ -60,16 +79,7 @@ def residual_mismatch(model: nn.Module, context: FixedContext, queries: Sequence
             H.append(b.block.register_forward_hook(
                 lambda mod, a, o, i=b.index: outs.__setitem__(i, (o[0] if isinstance(o, tuple) else o)[:, batch.p:]
                                                                .double())))
-        try:
-            if apply is not None and hasattr(apply, "applied"):
-                with apply.applied(model), torch.no_grad():
-                    model(input_ids=batch.ids, position_ids=batch.pos)
-            else:
-                with torch.no_grad():
-                    net(input_ids=batch.ids, position_ids=batch.pos)
-        finally:
-            for h in H:
-                h.remove()
+        _with_hooks(H, lambda: _forward(model, apply, batch))
         return got, outs
 
     r0, o0 = read(None)
@@ -95,14 +105,13 @@ def _block_outputs_with_context(model, context: FixedContext, rows: list[Tensor]
     H = [b.block.register_forward_hook(
         lambda mod, a, o, i=b.index: outs[i].append((o[0] if isinstance(o, tuple) else o)[0, n:n + T].double()))
         for b in blocks]
-    try:
-        with torch.no_grad():
-            for q in rows:
-                ids = torch.cat([context.context_ids.to(q.device), q])[None]
-                model(input_ids=ids, position_ids=torch.arange(ids.shape[1], device=q.device)[None])
-    finally:
-        for h in H:
-            h.remove()
+
+    @torch.no_grad()
+    def run():
+        for q in rows:
+            ids = torch.cat([context.context_ids.to(q.device), q])[None]
+            model(input_ids=ids, position_ids=torch.arange(ids.shape[1], device=q.device)[None])
+    _with_hooks(H, run)
     return {i: torch.stack(o) for i, o in outs.items()}
 
 
@@ -159,12 +168,7 @@ def attention_features(model: nn.Module, context: FixedContext, queries: Sequenc
          attn.o_proj.register_forward_hook(lambda m, a, o: box.__setitem__("a", a[0])),
          attn.register_forward_hook(lambda m, a, o: box.__setitem__("w", o[1]))]
     H += tap_residual(b, lambda r: box.__setitem__("r", r), lambda x: x)
-    try:
-        with torch.no_grad():
-            model(input_ids=batch.ids, position_ids=batch.pos)
-    finally:
-        for h in H:
-            h.remove()
+    _with_hooks(H, lambda: _forward(model, None, batch))
     if box.get("w") is None:
         raise ContextPatchError("attention_features needs eager attention (the weights)")
     p, v = batch.p, batch.valid
@@ -200,11 +204,9 @@ def head_correction(model: nn.Module, context: FixedContext, static, *, ridge: f
         teacher = with_context(model, context, batch)
         box: dict[str, Tensor] = {}
         h = model.lm_head.register_forward_hook(lambda m, a, o: box.__setitem__("h", a[0]))
-        try:
-            with static.applied(model), torch.no_grad():
-                logits = model(input_ids=batch.ids, position_ids=batch.pos).logits[:, batch.p:].double()
-        finally:
-            h.remove()
+        out: dict = {}
+        _with_hooks([h], lambda: out.setdefault("logits", _forward(model, static, batch).logits))
+        logits = out["logits"][:, batch.p:].double()
         return batch, teacher.double(), logits, box["h"][:, batch.p:].double()
 
     bc, tc, lc, hc = run(context.calibration)
@@ -232,11 +234,6 @@ def diagnostics(model, context: FixedContext, batch: QueryBatch, teacher: Tensor
         if a is None:
             continue
         res["mismatch"][name] = residual_mismatch(model, context, context.held_out, a, **DROP_IN)
-        if hasattr(a, "applied"):
-            with a.applied(model), torch.no_grad():
-                logits = model(input_ids=batch.ids, position_ids=batch.pos).logits[:, batch.p:]
-        else:
-            with torch.no_grad():
-                logits = a(input_ids=batch.ids, position_ids=batch.pos).logits[:, batch.p:]
+        logits = _forward(model, a, batch).logits[:, batch.p:]
         res["kl_by_position"][name] = kl_by_position(logits, teacher, batch.valid)
     return res
