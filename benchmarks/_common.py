@@ -98,6 +98,12 @@ def peak_memory(target: str, **kwargs) -> int:
     return q.get()
 
 
+def safe_ratio(num: float, den: float) -> float | None:
+    """``num / den``, or ``None`` when ``den`` is not positive (e.g. a peak-memory increase of 0 KiB on a tiny
+    smoke-run model, where the resident set did not grow after the warm-up)."""
+    return num / den if den > 0 else None
+
+
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     try:
