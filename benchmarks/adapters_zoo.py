@@ -36,7 +36,8 @@ from _common import machine  # noqa: E402
 
 FAMILY_ORDER = ("function", "facts", "instruction")
 CURVES = (("distill_mlp", "LoRA distillation, MLP matrices"), ("distill_all", "LoRA distillation, all linear"),
-          ("hybrid", "hybrid: from static (MLP, default fit)"), ("hybrid_attn", "hybrid: from static + attention"))
+          ("hybrid", "hybrid: from static (MLP, default fit)"), ("hybrid_attn", "hybrid: from static + attention"),
+          ("hybrid_cv", "hybrid: from static (MLP, CV ridge + RRR)"))
 POINTS = (("static", "drop_in", "full", "static, default fit", "s"),
           ("static_attn", "drop_in", "full", "static + attention slot (CV ridge)", "*"),
           ("static_attn", "drop_in", "r4", "static + attention, rank 4 (RRR)", "^"))
@@ -137,7 +138,7 @@ def bars(results: list[dict]) -> dict:
                                  "min_ratio": float(min(s["ratio"] for s in sp)),
                                  "reached": sum(s["reached"] for s in sp), "contexts": len(sp),
                                  "contexts_ratio_ge_10": sum(s["ratio"] >= 10 for s in sp)}
-    for name in ("hybrid_steps", "hybrid_attn_steps"):
+    for name in ("hybrid_steps", "hybrid_attn_steps", "hybrid_cv_steps"):
         hs = [r["bars"][name] for r in results if name in r["bars"]]
         fr = [h["fraction"] for h in hs]
         out[name] = {"contexts": len(hs), "reached": sum(f is not None for f in fr),

@@ -309,6 +309,8 @@ def compare_methods(model: nn.Module, context: FixedContext, *, ranks: Sequence[
         static_attn/fitted/full   the extension at the fitted positions
         distill_mlp, distill_all  LoRA rank ``lora_rank`` on the MLP matrices / all linear layers, drop-in inputs
         hybrid, hybrid_attn       distillation from static/drop_in/r{lora_rank} and static_attn/drop_in/r{lora_rank}
+        hybrid_cv                 distillation from static_rrr/drop_in/r{lora_rank} (CV ridge, same matrices as
+                                  distill_mlp: the fair hybrid; the default ridge overfits the calibration tokens)
 
     ``diagnose``: a diagnostics function (``adapter_diagnostics.diagnostics``; passed in so that the diagnostics
     module can import this one and not the reverse), adding ``diagnostics``: the context's attention share, and
@@ -376,6 +378,7 @@ def compare_methods(model: nn.Module, context: FixedContext, *, ranks: Sequence[
         keep[("static_attn", "drop_in", r)] = st
         st, t = timed_fit(ridge=ridge_mlp, rank=r, rank_method="rrr", output_patch=output_patch, **DROP_IN)
         out["static_rrr"]["drop_in"][_rank_key(r)] = measure(st, "drop_in", t, ridge=ridge_mlp)
+        keep[("static_rrr", "drop_in", r)] = st
     st, t = timed_fit(ridge=best, attention=True, output_patch=output_patch, **FITTED)
     out["static_attn"]["fitted"] = {"full": measure(st, "fitted", t, ridge=best)}
 
@@ -397,6 +400,8 @@ def compare_methods(model: nn.Module, context: FixedContext, *, ranks: Sequence[
     if ("static", "drop_in", lora_rank) in keep:
         distill("hybrid", init=keep[("static", "drop_in", lora_rank)], lr=hybrid_lr)
         distill("hybrid_attn", init=keep[("static_attn", "drop_in", lora_rank)], lr=hybrid_lr)
+    if ("static_rrr", "drop_in", lora_rank) in keep:
+        distill("hybrid_cv", init=keep[("static_rrr", "drop_in", lora_rank)], lr=hybrid_lr)
     out["bars"] = context_bars(out, lora_rank=lora_rank)
     if diagnose is not None:
         out["diagnostics"] = diagnose(model, context, batches["drop_in"], teacher, {
@@ -427,7 +432,7 @@ def context_bars(res: dict, *, lora_rank: int = 4) -> dict:
                                 "distill_step": hit["step"] if hit else None, "reached": hit is not None,
                                 "ratio": wall / s["fit_s"]}
         bars["recovered"][key] = s["recovered"]
-    for name in ("hybrid", "hybrid_attn"):
+    for name in ("hybrid", "hybrid_attn", "hybrid_cv"):
         if name in res:
             target, total = d["final"]["kl"], d["final"]["step"]
             hit = first_reaching(res[name]["history"], "kl", target)
