@@ -330,6 +330,9 @@ def main(argv=None) -> int:
     ap.add_argument("--output-patch", default="weight", choices=["auto", "bias", "weight"],
                     help="output slot of the extended static fits (the default fit keeps 'auto': GPT-2's bias)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--facts-split", default="recall", choices=["recall", "unseen"],
+                    help="fact sheets: held-out chains of calibrated facts (recall) or the uncalibrated half of the "
+                         "keys (unseen: the negative control)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", type=Path, default=None, help="folder for results.json (default runs/adapters_zoo)")
     ap.add_argument("--figure", type=Path, default=None, help="figure path (default OUT/adapters_zoo.png)")
@@ -369,7 +372,7 @@ def main(argv=None) -> int:
 
     ensure_out_dir(out)
     torch.manual_seed(a.seed)
-    contexts = zoo_contexts(seed=a.seed, quick=a.quick)
+    contexts = zoo_contexts(seed=a.seed, quick=a.quick, facts_split=a.facts_split)
     ranks = (4, None) if a.quick else (1, 4, 16, None)
     all_results: dict = {}
     t_all = time.perf_counter()
@@ -394,7 +397,7 @@ def main(argv=None) -> int:
                                      "diagnostics": diag, "calibration_sweep": sweep,
                                      "seconds": time.perf_counter() - t0}
     meta = {"seed": a.seed, "steps": a.steps, "eval_every": a.eval_every, "lora_rank": a.lora_rank, "lr": a.lr,
-            "hybrid_lr": a.hybrid_lr, "ridge": a.ridge,
+            "hybrid_lr": a.hybrid_lr, "ridge": a.ridge, "facts_split": a.facts_split,
             "output_patch": a.output_patch, "ranks": [r or "full" for r in ranks], "quick": a.quick,
             "machine": machine(), "seconds": time.perf_counter() - t_all,
             "command": "python benchmarks/adapters_zoo.py " + " ".join(sys.argv[1:] if argv is None else argv)}

@@ -53,16 +53,22 @@ def test_contexts_hold_out_what_they_claim():
         for q in c.held_out:                                   # answers follow the rule in the name
             x, _, y = _words(q.ids)
             assert int(y) == (int(x) + b) % 11
-    facts = A.facts_contexts(sizes=(8, 16, 32), seed=0)
-    for c, k in zip(facts, (8, 16, 32), strict=True):
-        sheet = dict(zip(c.text.split()[0::3], c.text.split()[1::3], strict=True))
-        assert len(sheet) == k
-        asked_cal = {w for q in c.calibration for w in _words(q.ids) if w.startswith("k")}
-        asked_held = {_words(q.ids)[0] for q in c.held_out}
-        assert len(asked_held) == k // 2 and not asked_cal & asked_held and asked_cal | asked_held == set(sheet)
-        for q in list(c.calibration) + list(c.held_out):       # every answer is the sheet's value
-            w = _words(q.ids)
-            assert all(sheet[w[s - 1]] == w[s] for s, _ in q.answers)
+    for split in A.FACT_SPLITS:
+        facts = A.facts_contexts(sizes=(8, 16, 32), seed=0, split=split)
+        for c, k in zip(facts, (8, 16, 32), strict=True):
+            sheet = dict(zip(c.text.split()[0::3], c.text.split()[1::3], strict=True))
+            assert len(sheet) == k and split in c.name
+            asked_cal = {w for q in c.calibration for w in _words(q.ids) if w.startswith("k")}
+            asked_held = {w for q in c.held_out for w in _words(q.ids) if w.startswith("k")}
+            if split == "unseen":       # the other half of the keys, never calibrated
+                assert len(asked_held) == k // 2 and not asked_cal & asked_held and asked_cal | asked_held == set(sheet)
+            else:                       # every key calibrated; held out = new chains of three distinct keys
+                assert asked_cal == set(sheet) and len(c.held_out) == k
+                assert all(len(q.answers) == 3 and len(set(_words(q.ids)[0::3])) == 3 for q in c.held_out)
+                assert not {q.text for q in c.held_out} & {q.text for q in c.calibration}
+            for q in list(c.calibration) + list(c.held_out):       # every answer is the sheet's value
+                w = _words(q.ids)
+                assert all(sheet[w[s - 1]] == w[s] for s, _ in q.answers)
     ins = A.instruction_contexts(modes=(("reverse", 0), ("sort", 2)), calibration=20, held_out=10, seed=1)
     assert [c.text.split()[:3] for c in ins] == [["mode:", "reverse", ";"], ["mode:", "sort", ";"]]
     assert len(ins[1].text.split(";")) == 4                      # the instruction line + 2 demonstrations + ""
@@ -80,6 +86,8 @@ def test_contexts_hold_out_what_they_claim():
     assert [q.text for q in more[1].calibration[:20]] == [q.text for q in ins[1].calibration]   # nested calibration
     with pytest.raises(ContextPatchError):
         A.facts_contexts(sizes=(40,))
+    with pytest.raises(ContextPatchError, match="split"):
+        A.facts_contexts(split="some")
     with pytest.raises(ContextPatchError):
         A.instruction_contexts(modes=(("shuffle", 0),))
 

@@ -225,6 +225,7 @@ def test_shipped_model_loads_with_plain_transformers_and_reproduces_its_accuracy
     assert tok(text)["input_ids"] == encode_words(text) and tok.decode(encode_words(text)[1:]) == text
     assert (model.config.max_position_embeddings if "llama" in name else model.config.n_positions) == 4096
     meta = json.loads((folder / "zoo.json").read_text())
+    assert meta["name"] == name              # `zoo eval NAME --json` and the study report this name
     assert meta["parameters"] == sum(p.numel() for p in model.parameters())
     assert (folder / "model.safetensors").stat().st_size < 15 * 2**20
     want = meta["metrics"]

@@ -7,9 +7,10 @@ calibration queries every method fits on, and held-out queries never used for fi
     function      one rule y = x + b mod p shown by 16 demonstrations; query x values never among the demos
                   (as in training); calibration on half of the query x values (singles and chains of two),
                   held out: the other half (the adapter must carry the rule, not a table)
-    facts         a sheet of k ∈ {8, 16, 32} facts ``kI vJ ;``; calibration: chains asking about half of the
-                  keys; held out: questions about the other half (a compressed sheet only holds what it was
-                  fitted on: the negative control); ``in_sample`` metrics report the calibrated keys
+    facts         a sheet of k ∈ {8, 16, 32} facts ``kI vJ ;``; calibration: every key asked alone and in chains
+                  of two; held out: chains of three keys never asked together (new combinations, a new answer
+                  position). ``split="unseen"``: calibration on half of the keys, held out: the other half (a
+                  compressed sheet only holds what it was fitted on: the negative control)
     instruction   ``mode: M ;`` plus 0 or a few demonstrations; calibration and held-out queries are distinct
                   random digit lists
 
@@ -42,7 +43,8 @@ from ..zoo.tasks import FAMILIES, MODES, apply_mode
 from ..zoo.tokenizer import encode_words
 from .prompts import prompt_tasks
 
-__all__ = ["Query", "FixedContext", "make_query", "function_contexts", "facts_contexts", "instruction_contexts",
+__all__ = ["Query", "FixedContext", "make_query", "function_contexts", "facts_contexts", "FACT_SPLITS",
+           "instruction_contexts",
            "zoo_contexts", "score", "answer_accuracy", "recovered_share", "Runner", "run_queries", "no_context",
            "with_context", "evaluate_runner", "first_reaching", "fit_static_cv", "compare_methods", "context_bars",
            "calibration_sweep", "DROP_IN", "FITTED", "INSTRUCTIONS"]
@@ -116,29 +118,56 @@ def function_contexts(*, n: int = 3, shots: int = 16, seed: int = 0, tasks: dict
     return out
 
 
-def facts_contexts(*, sizes: Sequence[int] = (8, 16, 32), seed: int = 0, chains: int = 3) -> list[FixedContext]:
-    """One sheet per size k: k distinct keys with random values. Calibration: the first k/2 keys, each asked
-    alone and inside ``chains`` random chains of two; held out: the other k/2 keys, asked alone."""
+def _chains_of_two(rng: np.random.Generator, facts: list, chains: int, seen: set) -> list[Query]:
+    """Each fact asked second after ``chains`` random other facts (distinct chains, recorded in ``seen``)."""
+    out = []
+    for f in facts:
+        for _ in range(chains):
+            other = facts[int(rng.integers(len(facts)))]
+            q = make_query([other, f] if other != f else [f, facts[(facts.index(f) + 1) % len(facts)]])
+            if q.text not in seen:
+                seen.add(q.text)
+                out.append(q)
+    return out
+
+
+FACT_SPLITS = ("recall", "unseen")
+
+
+def facts_contexts(*, sizes: Sequence[int] = (8, 16, 32), seed: int = 0, chains: int = 3,
+                   split: str = "recall") -> list[FixedContext]:
+    """One sheet per size k: k distinct keys with random values.
+
+    ``split="recall"`` (default): calibration = every key asked alone and inside ``chains`` random chains of two;
+    held out = k chains of three distinct keys, none asked in calibration: every fact was calibrated, but the
+    combination and the third answer's position are new (does the adapter hold the sheet, or the calibration
+    sequences?). ``split="unseen"``: calibration = the first k/2 keys (alone and in chains), held out = the other
+    k/2 keys asked alone: a compressed sheet holds only what it was fitted on (the negative control)."""
+    if split not in FACT_SPLITS:
+        raise ContextPatchError(f"split must be one of {FACT_SPLITS}, got {split!r}")
     out = []
     for i, k in enumerate(sizes):
-        if not 2 <= k <= 32:
-            raise ContextPatchError(f"a facts sheet holds 2..32 facts, got {k}")
+        if not 3 <= k <= 32:
+            raise ContextPatchError(f"a facts sheet holds 3..32 facts, got {k}")
         rng = _rng(seed, "facts", i)
         keys = rng.choice(32, size=k, replace=False)
         vals = rng.integers(32, size=k)
         facts = [(f"k{a}", f"v{b}") for a, b in zip(keys, vals, strict=True)]
         text = " ".join(f"{a} {b} ;" for a, b in facts)
-        cal_f, held_f = facts[: k // 2], facts[k // 2:]
+        cal_f = facts if split == "recall" else facts[: k // 2]
         cal = [make_query([f]) for f in cal_f]
         seen = {q.text for q in cal}
-        for f in cal_f:
-            for _ in range(chains):
-                other = cal_f[int(rng.integers(len(cal_f)))]
-                q = make_query([other, f] if other != f else [f, cal_f[(cal_f.index(f) + 1) % len(cal_f)]])
+        cal += _chains_of_two(rng, cal_f, chains, seen)
+        if split == "recall":
+            held = []
+            while len(held) < k:
+                q = make_query([facts[j] for j in rng.choice(k, size=3, replace=False)])
                 if q.text not in seen:
                     seen.add(q.text)
-                    cal.append(q)
-        out.append(_context("facts", f"facts/{i} ({k} facts)", text, cal, [make_query([f]) for f in held_f], seed))
+                    held.append(q)
+        else:
+            held = [make_query([f]) for f in facts[k // 2:]]
+        out.append(_context("facts", f"facts/{i} ({k} facts, {split})", text, cal, held, seed))
     return out
 
 
@@ -180,13 +209,14 @@ def instruction_contexts(*, modes: Sequence[tuple[str, int]] = INSTRUCTIONS, cal
     return out
 
 
-def zoo_contexts(*, seed: int = 0, quick: bool = False) -> list[FixedContext]:
-    """The benchmark's contexts: 3 function rules, 3 fact sheets (8, 16, 32), 4 instructions (``quick``: one of
-    each family, smaller query sets)."""
+def zoo_contexts(*, seed: int = 0, quick: bool = False, facts_split: str = "recall") -> list[FixedContext]:
+    """The benchmark's contexts: 3 function rules, 3 fact sheets (8, 16, 32; ``facts_split``), 4 instructions
+    (``quick``: one of each family, smaller query sets)."""
     if quick:
-        return (function_contexts(n=1, seed=seed) + facts_contexts(sizes=(8,), seed=seed) +
+        return (function_contexts(n=1, seed=seed) + facts_contexts(sizes=(8,), seed=seed, split=facts_split) +
                 instruction_contexts(modes=INSTRUCTIONS[:1], calibration=16, held_out=16, seed=seed))
-    return function_contexts(n=3, seed=seed) + facts_contexts(seed=seed) + instruction_contexts(seed=seed)
+    return (function_contexts(n=3, seed=seed) + facts_contexts(seed=seed, split=facts_split) +
+            instruction_contexts(seed=seed))
 
 
 # --- metrics ------------------------------------------------------------------------------------------------
