@@ -39,6 +39,7 @@ CURVES = (("distill_mlp", "LoRA distillation, MLP matrices"), ("distill_all", "L
           ("hybrid", "hybrid: from static (MLP, default fit)"), ("hybrid_attn", "hybrid: from static + attention"),
           ("hybrid_cv", "hybrid: from static (MLP, CV ridge + RRR)"))
 POINTS = (("static", "drop_in", "full", "static, default fit", "s"),
+          ("static_cv", "drop_in", "full", "static, CV ridge", "D"),
           ("static_attn", "drop_in", "full", "static + attention slot (CV ridge)", "*"),
           ("static_attn", "drop_in", "r4", "static + attention, rank 4 (RRR)", "^"))
 
