@@ -22,12 +22,22 @@ _SHIPPED = dict(width=128, layers=4, heads=4, mlp=512, lr=3e-3,
 _GPT2 = {**_SHIPPED, "lr": 2e-3, "position_init": "sinusoid",
          "mix": (("function", 0.3), ("facts", 0.2), ("copy", 0.2), ("instruction", 0.3))}
 #: icl-llama-induction: the induction mechanism first (copy task only; it forms at steps 400-700), then the
-#: icl-llama mix. The shipped folder: `zoo train icl-llama --steps 2500 --set mix=copy:1.0 --out A`, interrupted
-#: at step 1,200 (the recipe below: `zoo train icl-llama-induction --steps 2500 --set stop_at=1200 --out A`),
-#: then `zoo train icl-llama --steps 2000 --set init_from=A --out B` (docs/zoo.md). Facts 1.00, instruction 0.93.
+#: first icl-llama's mix. The shipped folder: `zoo train icl-llama --steps 2500 --set mix=copy:1.0 --out A`,
+#: interrupted at step 1,200 (the recipe below: `zoo train icl-llama-induction --steps 2500 --set stop_at=1200
+#: --out A`), then B: the first icl-llama's mix, `zoo train icl-llama --steps 2000 --set init_from=A
+#: --set mix=function:0.35,facts:0.2,copy:0.15,instruction:0.3 --out B` (docs/zoo.md). Facts 1.00, instruction
+#: 0.93, function 0.03.
 _INDUCTION = {**_SHIPPED, "mix": (("copy", 1.0),)}
+#: icl-llama (shipped since 2026-11-27; replaces a first icl-llama trained with _SHIPPED alone): four phases, the
+#: first two are icl-llama-induction's (A, B above), then
+#:   C: `zoo train icl-llama --steps 1500 --set init_from=B --set mix=function:1.0 --set lr=2e-3
+#:      --set curriculum_frac=0.3 --out C`                     (function only: 0.30 at k >= 16, the rest forgotten)
+#:   D: `zoo train icl-llama --steps 8000 --set init_from=C --set lr=2e-3 --set curriculum_frac=0
+#:      --set mix=function:0.5,facts:0.1,copy:0.05,instruction:0.35 --out D`   (function induction clicks at
+#:      ~3,500 steps)
+#: The recipe below is phase A; every phase's config is recorded in zoo.json (the `parent` chain).
 RECIPES = {
-    "icl-llama": TrainConfig(name="icl-llama", arch="llama", **_SHIPPED),
+    "icl-llama": TrainConfig(name="icl-llama", arch="llama", **_INDUCTION),
     "icl-llama-induction": TrainConfig(name="icl-llama-induction", arch="llama", **_INDUCTION),
     "icl-gpt2": TrainConfig(name="icl-gpt2", arch="gpt2", **_GPT2),
 }
