@@ -43,16 +43,24 @@ def ids(n: int, vocab: int, seed: int) -> torch.Tensor:
     return torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(seed))
 
 
+def interleaved_best(fns: dict[str, Callable[[], object]], *, repeat: int = 3) -> dict[str, float]:
+    """Minimum wall time (seconds) of each workload over ``repeat`` rounds after one warm-up each, the workloads
+    alternating within a round, so that machine load drifting during the run hits every workload alike."""
+    with torch.no_grad():
+        for fn in fns.values():
+            fn()
+        best = dict.fromkeys(fns, float("inf"))
+        for _ in range(repeat):
+            for k, fn in fns.items():
+                t = time.perf_counter()
+                fn()
+                best[k] = min(best[k], time.perf_counter() - t)
+    return best
+
+
 def best_time(fn: Callable[[], object], repeat: int = 3) -> float:
     """Minimum wall time over ``repeat`` runs after one warm-up (seconds)."""
-    with torch.no_grad():
-        fn()
-        times = []
-        for _ in range(repeat):
-            t = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t)
-    return min(times)
+    return interleaved_best({"fn": fn}, repeat=repeat)["fn"]
 
 
 def _rss_kb(field: str) -> int:

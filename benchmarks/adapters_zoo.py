@@ -139,7 +139,9 @@ def bars(results: list[dict]) -> dict:
                                  "min_ratio": float(min(s["ratio"] for s in sp)),
                                  "reached": sum(s["reached"] for s in sp), "contexts": len(sp),
                                  "contexts_ratio_ge_10": sum(s["ratio"] >= 10 for s in sp)}
-    for name in ("hybrid_steps", "hybrid_attn_steps", "hybrid_cv_steps"):
+    from contextpatch.study.adapters import HYBRIDS
+
+    for name in (f"{h}_steps" for h in HYBRIDS):
         hs = [r["bars"][name] for r in results if name in r["bars"]]
         fr = [h["fraction"] for h in hs]
         out[name] = {"contexts": len(hs), "reached": sum(f is not None for f in fr),

@@ -30,7 +30,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from _common import peak_memory, report, run_script
+from _common import interleaved_best, peak_memory, report, run_script
 
 from contextpatch import fit_static
 
@@ -149,23 +149,6 @@ def setup(variant: str, quick: bool, n: int, static_dir: str | None = None):
         with static.applied(model):
             return gen()
     return hooked
-
-
-def interleaved_best(fns: dict, *, repeat: int) -> dict[str, float]:
-    """Best wall time of each workload over ``repeat`` rounds, the workloads alternating within a round (one
-    warm-up each first), so that machine load drifting during the run hits every variant alike."""
-    import time
-
-    with torch.no_grad():
-        for fn in fns.values():
-            fn()
-        best = dict.fromkeys(fns, float("inf"))
-        for _ in range(repeat):
-            for k, fn in fns.items():
-                t0 = time.perf_counter()
-                fn()
-                best[k] = min(best[k], time.perf_counter() - t0)
-    return best
 
 
 def main(quick: bool = False, out: Path | None = None) -> list[dict]:

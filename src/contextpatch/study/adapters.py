@@ -47,7 +47,7 @@ __all__ = ["Query", "FixedContext", "make_query", "function_contexts", "facts_co
            "instruction_contexts",
            "zoo_contexts", "score", "answer_accuracy", "recovered_share", "Runner", "run_queries", "no_context",
            "with_context", "evaluate_runner", "first_reaching", "fit_static_cv", "compare_methods", "context_bars",
-           "calibration_sweep", "DROP_IN", "FITTED", "INSTRUCTIONS"]
+           "calibration_sweep", "DROP_IN", "FITTED", "HYBRIDS", "INSTRUCTIONS"]
 
 
 @dataclass(frozen=True)
@@ -314,6 +314,11 @@ DROP_IN = {"keep_prefix": 1, "renumber_positions": True}     # <bos> QUERY at po
 FITTED = {"keep_prefix": 0, "renumber_positions": False}     # QUERY alone at its with-context positions n..
 
 
+#: the hybrids of :func:`compare_methods`: LoRA distillation started from the drop-in static adapter of this
+#: method at rank ``lora_rank``
+HYBRIDS = {"hybrid": "static", "hybrid_attn": "static_attn", "hybrid_cv": "static_rrr"}
+
+
 def _rank_key(rank: int | None) -> str:
     return "full" if rank is None else f"r{rank}"
 
@@ -427,11 +432,9 @@ def compare_methods(model: nn.Module, context: FixedContext, *, ranks: Sequence[
     distill("distill_mlp", targets="mlp", lr=lr, **DROP_IN)
     if all_linear:
         distill("distill_all", targets="all-linear", lr=lr, **DROP_IN)
-    if ("static", "drop_in", lora_rank) in keep:
-        distill("hybrid", init=keep[("static", "drop_in", lora_rank)], lr=hybrid_lr)
-        distill("hybrid_attn", init=keep[("static_attn", "drop_in", lora_rank)], lr=hybrid_lr)
-    if ("static_rrr", "drop_in", lora_rank) in keep:
-        distill("hybrid_cv", init=keep[("static_rrr", "drop_in", lora_rank)], lr=hybrid_lr)
+    for name, start in HYBRIDS.items():
+        if (start, "drop_in", lora_rank) in keep:
+            distill(name, init=keep[(start, "drop_in", lora_rank)], lr=hybrid_lr)
     out["bars"] = context_bars(out, lora_rank=lora_rank)
     if diagnose is not None:
         out["diagnostics"] = diagnose(model, context, batches["drop_in"], teacher, {
@@ -462,7 +465,7 @@ def context_bars(res: dict, *, lora_rank: int = 4) -> dict:
                                 "distill_step": hit["step"] if hit else None, "reached": hit is not None,
                                 "ratio": wall / s["fit_s"]}
         bars["recovered"][key] = s["recovered"]
-    for name in ("hybrid", "hybrid_attn", "hybrid_cv"):
+    for name in HYBRIDS:
         if name in res:
             target, total = d["final"]["kl"], d["final"]["step"]
             hit = first_reaching(res[name]["history"], "kl", target)

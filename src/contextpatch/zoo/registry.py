@@ -32,7 +32,7 @@ _INDUCTION = {**_SHIPPED, "mix": (("copy", 1.0),)}
 #: first two are icl-llama-induction's (A, B above), then
 #:   C: `zoo train icl-llama --steps 1500 --set init_from=B --set mix=function:1.0 --set lr=2e-3
 #:      --set curriculum_frac=0.3 --out C`                     (function only: 0.30 at k >= 16, the rest forgotten)
-#:   D: `zoo train icl-llama --steps 8000 --set init_from=C --set lr=2e-3 --set curriculum_frac=0
+#:   D: `zoo train icl-llama --steps 8000 --set stop_at=5000 --set init_from=C --set lr=2e-3 --set curriculum_frac=0
 #:      --set mix=function:0.5,facts:0.1,copy:0.05,instruction:0.35 --out D`   (function induction clicks at
 #:      ~3,500 steps)
 #: The recipe below is phase A; every phase's config is recorded in zoo.json (the `parent` chain).
