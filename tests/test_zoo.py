@@ -86,6 +86,22 @@ def test_copy_warmup_repeats_its_sequence():
     assert [q, *a.split()] == first and ex.text().split() == first + [";"] + first + [";"]
 
 
+def test_lag_warmup_targets_the_token_before_the_previous_one():
+    from contextpatch.zoo.data import encode_example
+    from contextpatch.zoo.tasks import LagTask
+
+    ex = LagTask().sample(np.random.default_rng(5), 0, n_queries=12)
+    ids, w = encode_example(ex)
+    targets = [t for t, wt in enumerate(w) if wt]
+    assert len(targets) == 12
+    assert all(ids[t] == ids[t - 2] for t in targets)          # the target repeats the word two back
+    semicolon, = encode_words(";", bos=False)
+    assert all(ids[t + 1] == semicolon for t in targets)      # each group ends after its target
+    assert len({(t - targets[0]) % 4 for t in targets}) > 1    # groups of 2-4 words: the phase moves
+    sizes = {len(q.split()) for q, _ in ex.pairs}
+    assert sizes <= {2, 3, 4} and len(sizes) > 1
+
+
 def test_tokenizer_round_trip(tmp_path):
     from transformers import AutoTokenizer
 
@@ -296,3 +312,60 @@ def test_training_curve_offsets_later_phases_and_plots(tmp_path):
     assert steps == [10, 20, 30, 40, 50] and losses == [3.0, 2.0, 1.5, 1.0, 0.5] and starts == [0, 30]
     plot_training({"two phases": [p1, p2]}, tmp_path / "loss.png", smooth=2)
     assert (tmp_path / "loss.png").stat().st_size > 1000
+
+
+def _attn_kl_reference(teacher, student, ids):
+    """Mean KL(teacher ‖ student) of the attention rows over layers, heads and real query rows, with
+    torch.nn.functional.kl_div (an independent formula for the attention-transfer term)."""
+    real = ids != 0
+    with torch.no_grad():
+        a_t = teacher(input_ids=ids, output_attentions=True).attentions
+        a_s = student(input_ids=ids, output_attentions=True).attentions
+    per_layer = []
+    for t, s in zip(a_t, a_s, strict=True):
+        kl = torch.nn.functional.kl_div(s.double().clamp_min(1e-12).log(), t.double(), reduction="none").sum(-1)
+        per_layer.append(kl.mean(1)[real].mean())
+    return float(torch.stack(per_layer).mean())
+
+
+def test_teacher_distillation_terms_vanish_on_the_teacher_itself_and_train_the_attention(tmp_path):
+    """distill_loss on the teacher's own weights is the answer loss (both KL terms 0); on a GPT-2 student its
+    attention term equals an independent kl_div, and a few steps of training with the teacher lower it."""
+    from contextpatch.zoo.evaluate import load_zoo_model
+    from contextpatch.zoo.teacher import distill_loss, load_teacher
+
+    train(replace(TINY, steps=4), tmp_path / "t", progress=False, eval_examples=0)
+    sharpen, _ = load_zoo_model(tmp_path / "t")           # a teacher with far-from-uniform attention rows
+    with torch.no_grad():
+        sharpen.model.layers[0].self_attn.q_proj.weight.mul_(60.0)
+    sharpen.save_pretrained(tmp_path / "t")
+    teacher = load_teacher(str(tmp_path / "t"), load_zoo_model(tmp_path / "t")[0])
+    ids, w = sample_batch(TINY, 0)
+    same, _ = load_zoo_model(tmp_path / "t")
+    same.set_attn_implementation("eager")
+    with torch.no_grad():
+        loss, parts = distill_loss(same, teacher, ids, w, attn_weight=1.0, logit_weight=1.0)
+        assert parts["attn_kl"] < 1e-6 and parts["logit_kl"] < 1e-6
+        assert abs(float(loss) - float(loss_fn(same, ids, w))) < 1e-5
+
+    cfg = replace(TINY, name="tiny-gpt2", arch="gpt2", teacher=str(tmp_path / "t"), steps=40, lr=1e-2,
+                  attn_weight=1.0, logit_weight=0.0)
+    from contextpatch.zoo.models import make_model
+
+    fresh = make_model("gpt2", seed=cfg.seed, width=32, layers=1, heads=1).eval()
+    fresh.set_attn_implementation("eager")
+    with torch.no_grad():
+        _, parts = distill_loss(fresh, teacher, ids, w, attn_weight=1.0, logit_weight=0.0)
+    before = _attn_kl_reference(teacher, fresh, ids)
+    assert abs(parts["attn_kl"] - before) < 1e-5 and before > 1e-2
+    train(cfg, tmp_path / "s", progress=False, eval_examples=0)
+    train(replace(cfg, teacher=None), tmp_path / "control", progress=False, eval_examples=0)
+    taught = _attn_kl_reference(teacher, load_zoo_model(tmp_path / "s")[0], ids)
+    control = _attn_kl_reference(teacher, load_zoo_model(tmp_path / "control")[0], ids)
+    assert taught < 0.9 * before and taught < 0.75 * control
+    with pytest.raises(ContextPatchError, match="layers and heads"):
+        train(replace(cfg, layers=2), tmp_path / "x", progress=False, eval_examples=0)
+    with pytest.raises(ContextPatchError, match="neither a zoo model folder"):
+        train(replace(cfg, teacher=str(tmp_path)), tmp_path / "y", progress=False, eval_examples=0)
+    by_name = load_teacher("icl-llama", make_model("llama", seed=0, width=128, layers=4, heads=4))
+    assert by_name.config.hidden_size == 128 and not by_name.training

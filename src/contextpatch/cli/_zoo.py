@@ -40,7 +40,9 @@ def train_cmd(
     set_: list[str] = typer.Option(None, "--set", help="Override a recipe field, FIELD=VALUE (repeatable), e.g. "
                                                       "--set lr=1e-3 --set mix=facts:0.5,copy:0.5 --set "
                                                       "init_from=runs/zoo/icl-llama (start from a trained "
-                                                      "model: a second phase). Give the same --set on --resume."),
+                                                      "model: a second phase) or --set teacher=icl-llama "
+                                                      "(distil from a trained zoo model: attention transfer + "
+                                                      "next-token KL). Give the same --set on --resume."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar (on stderr)."),
     json_out: bool = typer.Option(False, "--json", help="Print zoo.json's summary as one JSON object."),
 ) -> None:

@@ -44,6 +44,11 @@ class TrainConfig:
     probe: bool = False  # a short probe run, not the full recipe
     stop_at: int | None = None  # end the run at this step (the schedule still spans ``steps``); None: ``steps``
     init_from: str | None = None  # a zoo model folder whose weights start this run (a second training phase)
+    # a zoo model folder to distil from (zoo/teacher.py): attention transfer (weight attn_weight) and next-token
+    # KL on every real token (weight logit_weight), added to the answer loss; same layers and heads as the student
+    teacher: str | None = None
+    attn_weight: float = 1.0
+    logit_weight: float = 1.0
 
     def to_dict(self) -> dict:
         return json.loads(json.dumps(asdict(self)))
@@ -70,8 +75,9 @@ class TrainConfig:
                     value = tuple(int(a) for a in raw.split(","))
                 elif isinstance(old, bool):
                     value = raw.strip().lower() in ("1", "true", "yes")
-                elif key in ("width", "layers", "heads", "mlp", "stop_at", "init_from"):
-                    value = None if raw.strip().lower() in ("", "none") else (raw if key == "init_from" else int(raw))
+                elif key in ("width", "layers", "heads", "mlp", "stop_at", "init_from", "teacher"):
+                    value = (None if raw.strip().lower() in ("", "none")
+                             else raw if key in ("init_from", "teacher") else int(raw))
                 else:
                     value = type(old)(raw)
             except ValueError as e:

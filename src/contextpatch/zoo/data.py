@@ -14,13 +14,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .tasks import CopyTask, Example, FactsTask, FunctionTask, InstructionTask
+from .tasks import CopyTask, Example, FactsTask, FunctionTask, InstructionTask, LagTask
 from .tokenizer import PAD, encode_words
 
 __all__ = ["encode_example", "collate", "tasks_for", "sample_batch", "max_shots_at"]
 
 #: (lowest shots, queries per training sequence) per family
-_SHOTS_LO = {"function": 1, "facts": 1, "instruction": 0, "copy": 0}
+_SHOTS_LO = {"function": 1, "facts": 1, "instruction": 0, "copy": 0, "lag": 0}
 
 
 def encode_example(ex: Example, *, with_context: bool = True, demo_targets: bool = True) -> tuple[list, list]:
@@ -48,7 +48,7 @@ def tasks_for(cfg) -> dict:
     """The task objects a ``TrainConfig`` describes."""
     return {"function": FunctionTask(p=cfg.function_p, slopes=tuple(cfg.function_slopes), noise=cfg.function_noise),
             "facts": FactsTask(),
-            "instruction": InstructionTask(), "copy": CopyTask()}
+            "instruction": InstructionTask(), "copy": CopyTask(), "lag": LagTask()}
 
 
 def max_shots_at(cfg, step: int) -> int:

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 __all__ = ["FAMILIES", "Example", "FunctionTask", "FactsTask", "InstructionTask", "MODES", "vocabulary",
-           "apply_mode", "make_task"]
+           "apply_mode", "make_task", "CopyTask", "LagTask"]
 
 FAMILIES = ("function", "facts", "instruction")
 MODES = ("sort", "reverse", "rotate", "caesar 1", "caesar 2", "caesar 3", "caesar 4", "caesar 5")
@@ -196,6 +196,28 @@ class CopyTask:
         seq = [words[i] for i in rng.integers(len(words), size=n)]
         return Example(family=self.family, shots=n, context=" ".join(seq) + " ;",
                        pairs=[(seq[0], " ".join(seq[1:]))])
+
+
+@dataclass(frozen=True, kw_only=True)
+class LagTask:
+    """Training-only warm-up for learned positions (GPT-2): groups ``w1 … wm w(m-1) ;`` of m ∈ [2, 4] random
+    words; the repeated word before the last is the target. Predicting it from ``wm`` needs attention to the
+    previous token, a one-layer circuit with a direct gradient (the copy task's induction needs that
+    previous-token head *and* a second head on top of it: a saddle a learned-position model sits on, docs/zoo.md).
+    The random m moves the groups' phase, so absolute positions cannot stand in for "the previous token"."""
+
+    family: str = "lag"
+
+    def chance(self) -> float:
+        return 1.0 / (KEYS + VALUES)
+
+    def sample(self, rng: np.random.Generator, shots: int, n_queries: int = 16) -> Example:
+        words = [f"k{i}" for i in range(KEYS)] + [f"v{i}" for i in range(VALUES)]
+        pairs = []
+        for _ in range(max(1, n_queries)):
+            group = [words[i] for i in rng.integers(len(words), size=int(rng.integers(2, 5)))]
+            pairs.append((" ".join(group), group[-2]))
+        return Example(family=self.family, shots=0, context="", pairs=pairs)
 
 
 def make_task(family: str) -> FunctionTask | FactsTask | InstructionTask:

@@ -27,6 +27,7 @@ from .._io import atomic_write_json, atomic_write_with, ensure_out_dir
 from .config import ZOO_FORMAT, TrainConfig
 from .data import sample_batch, tasks_for
 from .models import count_params, make_model, sinusoid_positions
+from .teacher import distill_loss, load_teacher
 
 __all__ = ["TrainConfig", "train", "lr_at", "loss_fn", "estimate_steps", "checkpoint_model", "finish_from_checkpoint",
            "ZOO_FORMAT"]
@@ -59,7 +60,8 @@ def _make(cfg: TrainConfig):
         wpe, wte = model.transformer.wpe.weight, model.transformer.wte.weight
         with torch.no_grad():
             wpe.copy_(sinusoid_positions(*wpe.shape, row_norm=float(wte.norm(dim=-1).mean())))
-    model.set_attn_implementation("sdpa")  # training only (≈1.3× faster on CPU); saved and shipped as eager
+    # training only (≈1.3× faster on CPU); saved and shipped as eager. Attention transfer needs the eager weights.
+    model.set_attn_implementation("eager" if cfg.teacher and cfg.attn_weight > 0 else "sdpa")
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     other = [p for n, p in model.named_parameters() if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
@@ -129,6 +131,7 @@ def train(cfg: TrainConfig, out: Path | str, *, resume: bool = False, progress: 
     elif cfg.init_from:
         _load_parent(model, cfg.init_from)
     tasks = tasks_for(cfg)
+    teacher = load_teacher(cfg.teacher, model) if cfg.teacher else None
     model.train()
     end = min(cfg.steps, cfg.stop_at or cfg.steps)
     bar = tqdm(total=end, initial=step, disable=not progress, desc=cfg.name, dynamic_ncols=True)
@@ -137,7 +140,10 @@ def train(cfg: TrainConfig, out: Path | str, *, resume: bool = False, progress: 
         ids, w = sample_batch(cfg, step, tasks)
         for g in opt.param_groups:
             g["lr"] = lr_at(cfg, step)
-        loss = loss_fn(model, ids, w)
+        if teacher is None:
+            loss = loss_fn(model, ids, w)
+        else:
+            loss, _ = distill_loss(model, teacher, ids, w, attn_weight=cfg.attn_weight, logit_weight=cfg.logit_weight)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
