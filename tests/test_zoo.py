@@ -158,6 +158,28 @@ def test_resume_is_bit_exact_and_refuses_another_config(tmp_path):
         train(TINY, tmp_path / "d", resume=True, progress=False)
 
 
+def test_a_checkpoint_from_before_a_config_field_existed_resumes_with_its_default(tmp_path):
+    from contextpatch.zoo.train import checkpoint_model
+
+    class Stop(Exception):
+        pass
+
+    def stop(step, _loss):
+        if step == 2:
+            raise Stop
+
+    cfg = replace(TINY, steps=4)
+    with pytest.raises(Stop):
+        train(cfg, tmp_path / "a", progress=False, eval_examples=0, checkpoint_every=2, on_step=stop)
+    state_path = tmp_path / "a" / "checkpoint" / "state.pt"
+    state = torch.load(state_path, weights_only=False)
+    for key in ("teacher", "attn_weight", "logit_weight"):       # fields added after the first checkpoints
+        del state["config"][key]
+    torch.save(state, state_path)
+    meta = train(cfg, tmp_path / "a", resume=True, progress=False, eval_examples=0)
+    assert meta["steps_done"] == 4 and checkpoint_model(tmp_path / "a")[1]["step"] == 4
+
+
 def test_registry_errors_list_available_models():
     assert list_models() == ["icl-gpt2", "icl-llama", "icl-llama-induction"]
     with pytest.raises(ContextPatchError, match="icl-gpt2, icl-llama, icl-llama-induction"):

@@ -4,6 +4,7 @@ Loss (answer-only): ``L = Σ_t w_t · CE(logits_{t-1}, ids_t) / Σ_t w_t`` with 
 (queries' answers, and the clean demonstration answers of ``function``/``instruction`` when ``demo_targets``),
 0 elsewhere. Learning rate at step ``s`` (of ``S``): ``lr·s/W`` for ``s < W``, then
 ``lr·(r + (1-r)·(1 + cos(π·(s-W)/(S-W)))/2)`` with ``r = min_lr_ratio``.
+With ``teacher`` set, the objective adds the teacher's attention and next-token KL terms (``zoo/teacher.py``).
 
 Resumable: ``OUT/checkpoint/state.pt`` holds model + optimizer + torch RNG state + step + config + elapsed time
 (one file, written atomically). Data is a pure function of ``(seed, step)``, so resuming is bit-exact.
@@ -69,6 +70,13 @@ def _make(cfg: TrainConfig):
     return model, opt
 
 
+def _batch_loss(model, teacher, cfg: TrainConfig, ids: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """The training objective of one batch: the answer loss, plus the teacher's terms when ``cfg.teacher``."""
+    if teacher is None:
+        return loss_fn(model, ids, w)
+    return distill_loss(model, teacher, ids, w, attn_weight=cfg.attn_weight, logit_weight=cfg.logit_weight)[0]
+
+
 def _diff(a: dict, b: dict) -> str:
     keys = sorted(set(a) | set(b))
     return ", ".join(f"{k}: {a.get(k)!r} (checkpoint) vs {b.get(k)!r} (now)" for k in keys if a.get(k) != b.get(k))
@@ -87,6 +95,7 @@ def estimate_steps(cfg: TrainConfig, minutes: float, *, probe_steps: int = 5) ->
     from dataclasses import replace
 
     model, opt = _make(cfg)
+    teacher = load_teacher(cfg.teacher, model) if cfg.teacher else None
     nominal = replace(cfg, steps=1000)
     tasks = tasks_for(cfg)
     at = [0] + [int(1000 * (i + 0.5) / probe_steps) for i in range(probe_steps)]
@@ -95,7 +104,7 @@ def estimate_steps(cfg: TrainConfig, minutes: float, *, probe_steps: int = 5) ->
         if i == 1:
             t0 = time.perf_counter()
         ids, w = sample_batch(nominal, s, tasks)
-        loss_fn(model, ids, w).backward()
+        _batch_loss(model, teacher, cfg, ids, w).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
     per_step = (time.perf_counter() - t0) / probe_steps
@@ -120,9 +129,11 @@ def train(cfg: TrainConfig, out: Path | str, *, resume: bool = False, progress: 
         if not (ck / "state.pt").is_file():
             raise ContextPatchError(f"--resume: no checkpoint at {ck / 'state.pt'} (train without --resume first)")
         state = torch.load(ck / "state.pt", map_location="cpu", weights_only=False)
-        if state["config"] != cfg.to_dict():
+        # through TrainConfig: a checkpoint written before a field existed resumes with that field's default
+        saved = TrainConfig.from_dict(state["config"]).to_dict()
+        if saved != cfg.to_dict():
             raise ContextPatchError(f"cannot resume from {ck}: it was written with a different configuration "
-                                    f"({_diff(state['config'], cfg.to_dict())}); use the same settings or "
+                                    f"({_diff(saved, cfg.to_dict())}); use the same settings or "
                                     f"another output folder")
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
@@ -140,10 +151,7 @@ def train(cfg: TrainConfig, out: Path | str, *, resume: bool = False, progress: 
         ids, w = sample_batch(cfg, step, tasks)
         for g in opt.param_groups:
             g["lr"] = lr_at(cfg, step)
-        if teacher is None:
-            loss = loss_fn(model, ids, w)
-        else:
-            loss, _ = distill_loss(model, teacher, ids, w, attn_weight=cfg.attn_weight, logit_weight=cfg.logit_weight)
+        loss = _batch_loss(model, teacher, cfg, ids, w)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
