@@ -43,6 +43,10 @@ _INDUCTION = {**_SHIPPED, "mix": (("copy", 1.0),)}
 #:      --set mix=function:0.5,facts:0.1,copy:0.05,instruction:0.35 --out D`   (function induction clicks at
 #:      ~3,500 steps)
 #: The recipe below is phase A; every phase's config is recorded in zoo.json (the `parent` chain).
+#: Within the 60-minute budget (measured after shipping, docs/zoo.md, not shipped): A, then
+#:   `zoo train icl-llama --steps 4000 --set stop_at=1000 --set init_from=A --set lr=2e-3 --set curriculum_frac=0
+#:    --set mix=function:0.4,facts:0.2,copy:0.1,instruction:0.3`     (1,270 s in all: function 0.96, facts 0.99,
+#:    instruction 0.95)
 RECIPES = {
     "icl-llama": TrainConfig(name="icl-llama", arch="llama", **_INDUCTION),
     "icl-llama-induction": TrainConfig(name="icl-llama-induction", arch="llama", **_INDUCTION),
