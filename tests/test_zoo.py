@@ -20,6 +20,18 @@ TINY = TrainConfig(name="tiny", arch="llama", width=32, layers=1, steps=6, batch
                    max_shots=4, curriculum_start=2, queries=2)
 
 
+class _Stop(Exception):
+    """Raised by the callback of :func:`_stop_at` to interrupt a training run."""
+
+
+def _stop_at(n: int):
+    """An ``on_step`` callback that interrupts training after step ``n`` (a checkpoint written at n survives)."""
+    def on_step(step, _loss):
+        if step == n:
+            raise _Stop
+    return on_step
+
+
 def _pairs(line: str, sep: str) -> list[tuple[list[str], list[str]]]:
     out = []
     for item in line.split(";"):
@@ -139,15 +151,8 @@ def test_resume_is_bit_exact_and_refuses_another_config(tmp_path):
     with pytest.raises(ContextPatchError, match="steps"):
         train(TINY, tmp_path / "b", resume=True, progress=False, eval_examples=0)
     # same config, interrupted after 3 steps (checkpoint_every=3 and a stop), then resumed
-    class Stop(Exception):
-        pass
-
-    def stop(step, _loss):
-        if step == 3:
-            raise Stop
-
-    with pytest.raises(Stop):
-        train(TINY, tmp_path / "c", progress=False, eval_examples=0, checkpoint_every=3, on_step=stop)
+    with pytest.raises(_Stop):
+        train(TINY, tmp_path / "c", progress=False, eval_examples=0, checkpoint_every=3, on_step=_stop_at(3))
     resumed = train(TINY, tmp_path / "c", resume=True, progress=False, eval_examples=0)
     assert resumed["steps"] == straight["steps"] == 6
     from safetensors.torch import load_file
@@ -161,16 +166,9 @@ def test_resume_is_bit_exact_and_refuses_another_config(tmp_path):
 def test_a_checkpoint_from_before_a_config_field_existed_resumes_with_its_default(tmp_path):
     from contextpatch.zoo.train import checkpoint_model
 
-    class Stop(Exception):
-        pass
-
-    def stop(step, _loss):
-        if step == 2:
-            raise Stop
-
     cfg = replace(TINY, steps=4)
-    with pytest.raises(Stop):
-        train(cfg, tmp_path / "a", progress=False, eval_examples=0, checkpoint_every=2, on_step=stop)
+    with pytest.raises(_Stop):
+        train(cfg, tmp_path / "a", progress=False, eval_examples=0, checkpoint_every=2, on_step=_stop_at(2))
     state_path = tmp_path / "a" / "checkpoint" / "state.pt"
     state = torch.load(state_path, weights_only=False)
     for key in ("teacher", "attn_weight", "logit_weight"):       # fields added after the first checkpoints
@@ -301,15 +299,8 @@ def test_second_phase_starts_from_a_trained_folder_and_records_it(tmp_path):
 def test_finish_from_checkpoint_records_where_an_interrupted_run_stopped(tmp_path):
     from contextpatch.zoo.train import checkpoint_model, finish_from_checkpoint
 
-    class Stop(Exception):
-        pass
-
-    def stop_at_4(step, _):
-        if step == 4:
-            raise Stop
-
-    with pytest.raises(Stop):
-        train(replace(TINY, steps=10), tmp_path / "r", progress=False, checkpoint_every=2, on_step=stop_at_4)
+    with pytest.raises(_Stop):
+        train(replace(TINY, steps=10), tmp_path / "r", progress=False, checkpoint_every=2, on_step=_stop_at(4))
     model, info = checkpoint_model(tmp_path / "r")
     assert info["step"] == 4
     meta = finish_from_checkpoint(tmp_path / "r", eval_examples=0)
