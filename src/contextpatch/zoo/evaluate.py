@@ -128,6 +128,7 @@ def plot(result: dict, path: Path | str) -> None:
         ax.axhline(r["without_context"], color="tab:red", ls="--", label="without context")
         ax.axhline(r["chance"], color="gray", ls=":", label="chance")
         ax.set_xscale("symlog", linthresh=1)
+        ax.set_xlim(-0.3, max(ks) * 1.25 + 0.5)   # no negative shot ticks from the automatic margin
         ax.set_ylim(-0.02, 1.02)
         ax.set_xlabel("shots k (demonstrations / facts in the context)")
         ax.set_ylabel("exact-answer accuracy")
