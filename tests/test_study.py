@@ -139,13 +139,16 @@ def test_dynamics_and_finetune_summaries_are_consistent():
     assert abs(f["query_nll_with_context"][0] - f["query_nll_sgd"][0]) < 1e-6
 
 
-def test_study_on_the_shipped_model_quick(tmp_path):
-    """End to end on the trained zoo Llama: exact patches (float32 ≤ 1e-4 against a plain forward pass), patched
-    greedy generation equal to HF's with-context generation, every output file written."""
-    shipped()
+@pytest.mark.parametrize("name", ["icl-llama", "icl-gpt2"])
+def test_study_on_the_shipped_model_quick(tmp_path, name):
+    """End to end on a trained zoo model (the Llama: weight slot; the GPT-2 twin: bias slot, Conv1D): exact
+    patches (float32 ≤ 1e-4 against a plain forward pass), patched greedy generation equal to HF's with-context
+    generation, every output file written."""
+    shipped(name)
     from contextpatch.study.run import run_study
 
-    m = run_study("icl-llama", tmp_path, preset="quick", progress=False)
+    m = run_study(name, tmp_path, preset="quick", progress=False)
+    assert m["model"] == name
     for fam, r in m["exactness"].items():
         assert r["verify_max_abs_diff_float32"] <= 1e-4, fam
         assert r["verify_control_min_max_abs_diff"] > 1e-2, fam          # control: the context matters
