@@ -17,7 +17,7 @@ import torch
 from .tasks import CopyTask, Example, FactsTask, FunctionTask, InstructionTask, LagTask
 from .tokenizer import PAD, encode_words
 
-__all__ = ["encode_example", "collate", "tasks_for", "sample_batch", "max_shots_at"]
+__all__ = ["encode_example", "collate", "tasks_for", "sample_batch", "max_shots_at", "answer_loss"]
 
 #: (lowest shots, queries per training sequence) per family
 _SHOTS_LO = {"function": 1, "facts": 1, "instruction": 0, "copy": 0, "lag": 0}
@@ -42,6 +42,15 @@ def collate(rows: list[tuple[list, list]]) -> tuple[torch.Tensor, torch.Tensor]:
         ids[b, : len(i)] = torch.tensor(i)
         w[b, : len(ww)] = torch.tensor(ww)
     return ids, w
+
+
+def answer_loss(logits: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``Σ_t w_t · CE(logits_{t-1}, ids_t) / Σ_t w_t``: (B, T, V) logits of a batch scored on ``weights[:, 1:]``
+    (answer-only when the weights are the 0/1 answer masks of :func:`collate`)."""
+    lg = logits[:, :-1].float()
+    ce = torch.nn.functional.cross_entropy(lg.reshape(-1, lg.shape[-1]), ids[:, 1:].reshape(-1), reduction="none")
+    w = weights[:, 1:].reshape(-1)
+    return (ce * w).sum() / w.sum().clamp_min(1.0)
 
 
 def tasks_for(cfg) -> dict:

@@ -43,6 +43,7 @@ MODES = ("sort", "reverse", "rotate", "caesar 1", "caesar 2", "caesar 3", "caesa
 NUMBERS = 32  # number words "0".."31" (function values, list digits, caesar shifts)
 KEYS = 32
 VALUES = 32
+_KEY_VALUE_WORDS = tuple(f"k{i}" for i in range(KEYS)) + tuple(f"v{i}" for i in range(VALUES))  # copy / lag words
 
 
 def vocabulary() -> list[str]:
@@ -192,7 +193,7 @@ class CopyTask:
 
     def sample(self, rng: np.random.Generator, shots: int, n_queries: int = 1) -> Example:
         n = int(rng.integers(self.min_len, self.max_len + 1))
-        words = [f"k{i}" for i in range(KEYS)] + [f"v{i}" for i in range(VALUES)]
+        words = _KEY_VALUE_WORDS
         seq = [words[i] for i in rng.integers(len(words), size=n)]
         return Example(family=self.family, shots=n, context=" ".join(seq) + " ;",
                        pairs=[(seq[0], " ".join(seq[1:]))])
@@ -212,7 +213,7 @@ class LagTask:
         return 1.0 / (KEYS + VALUES)
 
     def sample(self, rng: np.random.Generator, shots: int, n_queries: int = 16) -> Example:
-        words = [f"k{i}" for i in range(KEYS)] + [f"v{i}" for i in range(VALUES)]
+        words = _KEY_VALUE_WORDS
         pairs = []
         for _ in range(max(1, n_queries)):
             group = [words[i] for i in rng.integers(len(words), size=int(rng.integers(2, 5)))]

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from .._errors import ContextPatchError
+from .data import answer_loss
 from .tokenizer import PAD
 
 __all__ = ["load_teacher", "distill_loss"]
@@ -61,11 +62,7 @@ def distill_loss(student: torch.nn.Module, teacher: torch.nn.Module, ids: torch.
     with torch.no_grad():
         t_out = teacher(input_ids=ids, output_attentions=attn_weight > 0)
     s_out = student(input_ids=ids, output_attentions=attn_weight > 0)
-    logits = s_out.logits[:, :-1].float()
-    ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
-                                           reduction="none")
-    w = weights[:, 1:].reshape(-1)
-    loss = (ce * w).sum() / w.sum().clamp_min(1.0)
+    loss = answer_loss(s_out.logits, ids, weights)
     parts = {"ce": float(loss.detach())}
     if logit_weight > 0:
         kl = _kl_rows(t_out.logits.float().softmax(-1), s_out.logits.float().softmax(-1))

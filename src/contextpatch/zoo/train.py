@@ -26,7 +26,7 @@ import torch
 from .._errors import ContextPatchError
 from .._io import atomic_write_json, atomic_write_with, ensure_out_dir
 from .config import ZOO_FORMAT, TrainConfig
-from .data import sample_batch, tasks_for
+from .data import answer_loss, sample_batch, tasks_for
 from .models import count_params, make_model, sinusoid_positions
 from .teacher import distill_loss, load_teacher
 
@@ -43,12 +43,8 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
 
 
 def loss_fn(model: torch.nn.Module, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Weighted next-token cross-entropy (answer-only when weights are 0/1 answer masks)."""
-    logits = model(input_ids=ids).logits[:, :-1]
-    ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1),
-                                           reduction="none")
-    w = weights[:, 1:].reshape(-1)
-    return (ce * w).sum() / w.sum().clamp_min(1.0)
+    """Weighted next-token cross-entropy of ``model`` on a batch (``data.answer_loss``)."""
+    return answer_loss(model(input_ids=ids).logits, ids, weights)
 
 
 def _make(cfg: TrainConfig):
