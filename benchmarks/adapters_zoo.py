@@ -329,6 +329,9 @@ def main(argv=None) -> int:
     ap.add_argument("--lora-rank", type=int, default=4)
     ap.add_argument("--lr", type=float, default=1e-2, help="distillation learning rate")
     ap.add_argument("--hybrid-lr", type=float, default=3e-3, help="hybrid learning rate (starts near the optimum)")
+    ap.add_argument("--hybrid-mode", default="factors", choices=["factors", "residual"],
+                    help="factors: LoRA factors start at the static adapter; residual: static merged into the frozen "
+                         "base, a fresh LoRA (distillation's own init) on top")
     ap.add_argument("--ridge", type=float, default=1e-3, help="ridge of the default static fit")
     ap.add_argument("--output-patch", default="weight", choices=["auto", "bias", "weight"],
                     help="output slot of the extended static fits (the default fit keeps 'auto': GPT-2's bias)")
@@ -386,8 +389,9 @@ def main(argv=None) -> int:
         results = []
         for c in contexts:
             results.append(compare_methods(model, c, ranks=ranks, lora_rank=a.lora_rank, steps=a.steps, lr=a.lr,
-                                           hybrid_lr=a.hybrid_lr, eval_every=a.eval_every, ridge=a.ridge,
-                                           diagnose=diagnostics, output_patch=a.output_patch, seed=a.seed))
+                                           hybrid_lr=a.hybrid_lr, hybrid_mode=a.hybrid_mode,
+                                           eval_every=a.eval_every, ridge=a.ridge, diagnose=diagnostics,
+                                           output_patch=a.output_patch, seed=a.seed))
             print(f"  {desc['name']}: {c.name} done ({time.perf_counter() - t0:.0f} s)", flush=True)
         rows, b, diag = family_table(results), bars(results), diagnostics_summary(results)
         print_table(desc, rows, b)
@@ -400,7 +404,7 @@ def main(argv=None) -> int:
                                      "diagnostics": diag, "calibration_sweep": sweep,
                                      "seconds": time.perf_counter() - t0}
     meta = {"seed": a.seed, "steps": a.steps, "eval_every": a.eval_every, "lora_rank": a.lora_rank, "lr": a.lr,
-            "hybrid_lr": a.hybrid_lr, "ridge": a.ridge, "facts_split": a.facts_split,
+            "hybrid_lr": a.hybrid_lr, "hybrid_mode": a.hybrid_mode, "ridge": a.ridge, "facts_split": a.facts_split,
             "output_patch": a.output_patch, "ranks": [r or "full" for r in ranks], "quick": a.quick,
             "machine": machine(), "seconds": time.perf_counter() - t_all,
             "command": "python benchmarks/adapters_zoo.py " + " ".join(sys.argv[1:] if argv is None else argv)}

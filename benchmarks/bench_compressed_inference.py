@@ -6,7 +6,10 @@ vocab 108, float32, eager), CPU, at context lengths 256, 1024 and 4096. The cont
 reverse ;`` and list => list demonstrations up to the length; query and calibration queries are more pairs:
 
     (a) with context: the plain model on [context, query] (the context lives in the prompt and its KV cache)
-    (b) hooked:       the plain model on [BOS, query] inside ``static.applied(model)`` (the static adapter as hooks)
+    (b) hooked:       the plain model on [BOS, query] inside ``static.applied(model)`` (the static adapter as hooks:
+                      side paths y + (x V) Uᵀ)
+    (e) dense:        the same inside ``static.applied(model, dense=True)`` (each patched module runs on W + ΔW,
+                      computed when the with-block is entered; the parameters untouched)
     (c) merged:       ``static.merge(model)`` (the adapter folded into the weights, no hooks) on [BOS, query]
     (d) no context:   the plain model on [BOS, query]
 
@@ -14,11 +17,13 @@ The static adapter is ``fit_static(model, context, 16 random calibration queries
 keep_prefix=1, renumber_positions=True)`` (the drop-in setting: the context-free prompt runs at positions 0..).
 
     time(c) / time(d)                       bar ≤ 1.05   (per context length)
-    time(b) / time(c)                       bar ≤ 1.15   (per context length)
+    time(b) / time(c), time(e) / time(c)    bar ≤ 1.15   (per context length; each entry of applied() is timed: the
+                                                          weight-fingerprint check, and for (e) W + ΔW)
     time(a) / time(c) at 4096 ctx tokens    bar ≥ 2
     greedy tokens of (b) and (c) agree      bar ≥ 0.95 of the tokens (correctness: same function up to rounding)
+    greedy tokens of (e) and (c) agree      bar = 1 (the same weights and kernels)
 
-Times are the best of 7 interleaved rounds (a b c d a b c d …; --quick: 1) after a warm-up and include the
+Times are the best of 7 interleaved rounds (a b c d e a b c d e …; --quick: 1) after a warm-up and include the
 prefill; tokens/s = 64 / time. Peak memory is
 ``_common.peak_memory`` (fresh child per workload: resident-set increase during one generation, weights excluded;
 not measured under --quick, where it would dominate the run time).
@@ -146,9 +151,14 @@ def setup(variant: str, quick: bool, n: int, static_dir: str | None = None):
     gen = _generator(model, without, new)
 
     def hooked():
-        with static.applied(model):
+        with static.applied(model, dense=variant == "e"):
             return gen()
     return hooked
+
+
+def _enter_exit(static, model, *, dense: bool) -> None:
+    with static.applied(model, dense=dense):
+        pass
 
 
 def main(quick: bool = False, out: Path | None = None) -> list[dict]:
@@ -158,7 +168,7 @@ def main(quick: bool = False, out: Path | None = None) -> list[dict]:
           "tokens/s = new tokens / total time (prefill included); peak memory = _common.peak_memory "
           "(RSS increase during one generation in a fresh child, weights excluded)")
     rows: list[dict] = []
-    agree_tot = agree_n = 0
+    agree_tot = agree_n = exact_tot = 0
     info = []
     with tempfile.TemporaryDirectory() as tmp:
         for n in ctxs:
@@ -173,36 +183,50 @@ def main(quick: bool = False, out: Path | None = None) -> list[dict]:
             def gen_b(g=gen_b0, s=static):
                 with s.applied(model):
                     return g()
-            t = interleaved_best(dict(zip("abcd", (gen_a, gen_b, gen_c, gen_d), strict=True)),
+
+            def gen_e(g=gen_b0, s=static):
+                with s.applied(model, dense=True):
+                    return g()
+            t = interleaved_best(dict(zip("abcde", (gen_a, gen_b, gen_c, gen_d, gen_e), strict=True)),
                                  repeat=1 if quick else 7)
+            entry = interleaved_best({"b": lambda s=static: _enter_exit(s, model, dense=False),
+                                      "e": lambda s=static: _enter_exit(s, model, dense=True)},
+                                     repeat=1 if quick else 7)
             mem = {v: 0 if quick else peak_memory("bench_compressed_inference:setup", variant=v, quick=quick, n=n,
-                                                  static_dir=None if v in "ad" else str(sdir)) for v in "abcd"}
-            tb, tc = gen_b(), gen_c()
+                                                  static_dir=None if v in "ad" else str(sdir)) for v in "abcde"}
+            tb, tc, te = gen_b(), gen_c(), gen_e()
             agree_tot += int((tb == tc).sum())
             agree_n += tb.numel()
-            rc_d, rb_c = t["c"] / t["d"], t["b"] / t["c"]
+            exact_tot += int((te == tc).sum())
+            rc_d = t["c"] / t["d"]
             rows.append({"target": f"(c) merged / (d) no context time, ctx {n}", "measured": f"{rc_d:.3f}",
                          "bar": "≤ 1.05", "met": rc_d <= 1.05,
                          "detail": {"merged_s": round(t["c"], 4), "no_context_s": round(t["d"], 4)}})
-            rows.append({"target": f"(b) hooked / (c) merged time, ctx {n}", "measured": f"{rb_c:.3f}",
-                         "bar": "≤ 1.15", "met": rb_c <= 1.15,
-                         "detail": {"hooked_s": round(t["b"], 4), "merged_s": round(t["c"], 4)}})
+            for v, what in (("b", "(b) hooked side paths"), ("e", "(e) applied(dense=True)")):
+                r = t[v] / t["c"]
+                rows.append({"target": f"{what} / (c) merged time, ctx {n}", "measured": f"{r:.3f}",
+                             "bar": "≤ 1.15", "met": r <= 1.15,
+                             "detail": {"applied_s": round(t[v], 4), "merged_s": round(t["c"], 4),
+                                        "entering_applied_s": round(entry[v], 4)}})
             if n == max(ctxs):
                 ra_c = t["a"] / t["c"]
                 rows.append({"target": f"(a) with context / (c) merged time at {n}", "measured": f"{ra_c:.2f}x",
                              "bar": "≥ 2x", "met": ra_c >= 2,
                              "detail": {"with_context_s": round(t["a"], 4), "merged_s": round(t["c"], 4)}})
-            names = {"a": "with context", "b": "hooked", "c": "merged", "d": "no context"}
-            info.append({"target": f"tokens/s (a) (b) (c) (d) | peak MiB, ctx {n}",
-                         "measured": " ".join(f"{new / t[v]:.0f}" for v in "abcd") + " | "
-                         + (" ".join(f"{mem[v] / 2**20:.0f}" for v in "abcd") if not quick else "n/a"),
+            names = {"a": "with context", "b": "hooked", "c": "merged", "d": "no context", "e": "dense"}
+            info.append({"target": f"tokens/s (a) (b) (c) (d) (e) | peak MiB, ctx {n}",
+                         "measured": " ".join(f"{new / t[v]:.0f}" for v in "abcde") + " | "
+                         + (" ".join(f"{mem[v] / 2**20:.0f}" for v in "abcde") if not quick else "n/a"),
                          "bar": "(info)", "met": True,
                          "detail": {f"({v}) {names[v]}": f"{new / t[v]:.1f} tok/s, {t[v]:.4f} s, peak "
                                     + (f"{mem[v] / 2**20:.1f} MiB" if not quick else "not measured (--quick)")
-                                    for v in "abcd"}})
+                                    for v in "abcde"}})
     frac = agree_tot / agree_n
     rows.append({"target": "greedy tokens (b) hooked vs (c) merged agree", "measured": f"{frac:.3f}",
                  "bar": "≥ 0.95", "met": frac >= 0.95, "correctness": True,
+                 "detail": {"tokens_compared": agree_n}})
+    rows.append({"target": "greedy tokens (e) dense vs (c) merged agree", "measured": f"{exact_tot / agree_n:.3f}",
+                 "bar": "= 1", "met": exact_tot == agree_n, "correctness": True,
                  "detail": {"tokens_compared": agree_n}})
     rows += info
     report("compressed inference", rows, out, quick)

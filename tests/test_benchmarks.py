@@ -8,10 +8,11 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 ROWS = ("1. time extract", "2a. peak memory", "2b. dense", "3. time shared", "4a. speed-up", "4b. max abs diff",
-        "(c) merged / (d) no context time, ctx 64", "(b) hooked / (c) merged time, ctx 128")
+        "(c) merged / (d) no context time, ctx 64", "(b) hooked side paths / (c) merged time, ctx 128",
+        "(e) applied(dense=True) / (c) merged time, ctx 128")
 # Rows that state an accuracy, not a timing or a ratio that grows with the model: judged in the quick run too.
 CORRECTNESS_ROWS = ("4b. max abs diff of dynamics norms, batched vs naive",
-                    "greedy tokens (b) hooked vs (c) merged agree")
+                    "greedy tokens (b) hooked vs (c) merged agree", "greedy tokens (e) dense vs (c) merged agree")
 
 
 @pytest.fixture(scope="module")

@@ -80,6 +80,47 @@ def test_merge_is_exact_in_float64_and_leaves_the_model_untouched():
     assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
 
 
+@pytest.mark.parametrize("arch,attention", [("gpt2", False), ("llama", True), ("gemma3", False)])
+def test_dense_application_is_the_merged_model_and_leaves_no_trace(arch, attention):
+    """``applied(dense=True)`` (each patched module on W + ΔW computed on entry) gives the merged model's logits
+    bit for bit and the side paths' within float32 rounding; nothing of it is left after exit. gpt2: Conv1D and
+    the bias slot, llama: + the attention-output slot, gemma3: the norm-scale slot."""
+    m = tiny_model(arch, dtype=torch.float32, seed=0)
+    g = torch.Generator().manual_seed(0)
+    ctx, cal = torch.randint(3, 100, (9,), generator=g), torch.randint(3, 100, (8, 4), generator=g)
+    x = torch.randint(3, 100, (2, 7), generator=g)
+    static = fit_static(m, ctx, cal, rank=4, attention=attention)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    with torch.no_grad():
+        plain = m(x).logits
+        merged = static.merge(m)(x).logits
+        with static.applied(m):
+            side = m(x).logits
+        with static.applied(m, dense=True):
+            dense = m(x).logits
+            assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())   # parameters untouched
+        after = m(x).logits
+    assert float((plain - merged).abs().max()) > 1e-2                     # control: the adapter matters
+    assert torch.equal(dense, merged)                                      # the same values, the same kernels
+    assert float((dense - side).abs().max()) <= 1e-5 * max(1.0, float(side.abs().max()))
+    assert torch.equal(after, plain) and not any("forward" in mod.__dict__ for mod in m.modules())
+
+
+def test_nested_dense_adapters_fall_back_to_side_paths():
+    """A module already running dense (an enclosing ``applied(dense=True)``) is not overridden twice: the inner
+    adapter runs as side paths, so the nesting adds both, as nested side paths do."""
+    m, static, x = _fit("llama")
+    with torch.no_grad():
+        with static.applied(m), static.applied(m):
+            twice = m(x).logits
+        with static.applied(m):
+            once = m(x).logits
+        with static.applied(m, dense=True), static.applied(m, dense=True):
+            got = m(x).logits
+    assert float((twice - once).abs().max()) > 1e-2                       # control: the second one counts
+    assert float((got - twice).abs().max()) <= 1e-5 * max(1.0, float(twice.abs().max()))
+
+
 def test_export_errors_are_clear_and_write_nothing(tmp_path):
     m, static, _ = _fit("gemma3")
     with pytest.raises(ContextPatchError, match="no LoRA form.*save_merged"):
@@ -133,3 +174,16 @@ def test_lora_distillation_reduces_kl_and_the_hybrid_starts_at_the_static_adapte
     hyb = distill_lora(m, ctx, cal, cal, steps=0, init=static)
     ref = evaluate_static(m, static, ctx, cal)["kl"]                          # the hooked adapter, same inputs
     assert abs(hyb.history[0]["kl"] - ref) <= 1e-4 * max(1.0, ref), (hyb.history[0]["kl"], ref)
+    # the residual hybrid: static merged into the frozen base, a fresh LoRA on the distillation's own modules
+    res_h = distill_lora(m, ctx, cal, cal, rank=4, steps=10, lr=1e-2, eval_every=10, init=static,
+                         init_mode="residual")
+    assert abs(res_h.history[0]["kl"] - ref) <= 1e-4 * max(1.0, ref), (res_h.history[0]["kl"], ref)
+    assert res_h.history[-1]["kl"] < res_h.history[0]["kl"]                  # and it trains from there
+
+    def trainable(r):
+        return sorted((n.split("base_model.model.")[-1], p.numel()) for n, p in r.model.named_parameters()
+                      if p.requires_grad)
+    assert trainable(res_h) == trainable(res)                              # distillation's parameters exactly
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+    with pytest.raises(ContextPatchError, match="init_mode"):
+        distill_lora(m, ctx, cal, cal, steps=0, init=static, init_mode="both")

@@ -5,11 +5,18 @@ context (Snell et al. 2022, "Learning by Distilling Context"; Bhargava et al. 20
 
     loss = mean over the calibration queries' tokens of KL( p(· | context, q_<t) ‖ p_LoRA(· | q_<t) )
 
-Adam on the LoRA factors only. ``init=static`` starts from a fitted :class:`StaticPatches` (A = Vᵀ, B = U, the
-mapping of ``StaticPatches.to_peft``): the hybrid of the closed form and distillation. The teacher logits come
-from one packed with-context pass; the student runs the queries alone at the fitted positions (or the drop-in
-convention of the static adapter). Every ``eval_every`` steps the held-out KL and top-1 agreement are recorded
-with the training wall time (evaluation excluded) and the number of forward/backward passes.
+Adam on the LoRA factors only. ``init=static`` starts from a fitted :class:`StaticPatches`: the hybrid of the
+closed form and distillation, in one of two forms (``init_mode``):
+
+    "factors"   the LoRA factors start AT the static adapter (A = Vᵀ, B = U, the mapping of
+                ``StaticPatches.to_peft``) and are trained; the student is one LoRA of the static adapter's ranks
+    "residual"  the static adapter is merged into the (frozen) base and a fresh LoRA of ``rank`` on ``targets``
+                (B = 0: the student starts exactly at the static adapter) is trained on top: the same trainable
+                parameters, initialisation and learning rate as plain distillation, started from the closed form
+
+The teacher logits come from one packed with-context pass; the student runs the queries alone at the fitted
+positions (or the drop-in convention of the static adapter). Every ``eval_every`` steps the held-out KL and top-1
+agreement are recorded with the training wall time (evaluation excluded) and the number of forward/backward passes.
 """
 
 from __future__ import annotations
@@ -50,13 +57,15 @@ def _kl(teacher: Tensor, student: Tensor, valid: Tensor) -> Tensor:
 
 def distill_lora(model: nn.Module, context_ids: Tensor, calibration_queries: Sequence[Tensor] | Tensor,
                  eval_queries: Sequence[Tensor] | Tensor, *, rank: int = 4, targets: str = "mlp", steps: int = 100,
-                 lr: float = 1e-3, init: StaticPatches | None = None, eval_every: int = 10,
+                 lr: float = 1e-3, init: StaticPatches | None = None, init_mode: str = "factors",
+                 eval_every: int = 10,
                  seed: int = 0, keep_prefix: int | None = None, renumber_positions: bool | None = None,
                  eval_metrics: Callable[[Tensor], dict] | None = None) -> DistillResult:
     """Distil ``context_ids`` into a LoRA adapter of ``rank`` on ``targets`` ("mlp": the matrices the static
     adapter patches; "all-linear": every linear layer), ``steps`` full-batch Adam steps.
 
-    ``init``: a static adapter of the same context to start from (its ranks are kept; ``targets`` must be "mlp").
+    ``init``: a static adapter of the same context to start from; ``init_mode`` "factors" (its ranks are kept;
+    ``targets`` must be "mlp") or "residual" (merged into the frozen base, a fresh LoRA on top; module docstring).
     ``keep_prefix`` / ``renumber_positions``: the student's input convention (as in :func:`fit_static`; default:
     the one ``init`` was fitted with, else the query alone at positions n..). ``eval_metrics``: called at every
     evaluation with the held-out logits (K, T, V) of the query tokens; its dict is merged into the history row.
@@ -69,6 +78,8 @@ def distill_lora(model: nn.Module, context_ids: Tensor, calibration_queries: Seq
         raise ContextPatchError("need steps ≥ 0, eval_every ≥ 1, rank ≥ 1 and lr > 0")
     if targets not in ("mlp", "all-linear"):
         raise ContextPatchError(f"targets must be 'mlp' or 'all-linear', got {targets!r}")
+    if init_mode not in ("factors", "residual"):
+        raise ContextPatchError(f"init_mode must be 'factors' or 'residual', got {init_mode!r}")
     torch.manual_seed(seed)
     ctx = torch.as_tensor(context_ids).reshape(-1)
     opts = init.meta.options if init is not None else {}
@@ -82,7 +93,9 @@ def distill_lora(model: nn.Module, context_ids: Tensor, calibration_queries: Seq
     ev = query_batch(model, ctx, eval_queries, keep, renumber, "evaluation")
     t_cal, t_ev = teacher_logits(model, ctx, cal), teacher_logits(model, ctx, ev)
     base = copy.deepcopy(model)
-    if init is not None:
+    if init is not None and init_mode == "residual":
+        init.merge(base, inplace=True)
+    if init is not None and init_mode == "factors":
         if targets != "mlp":
             raise ContextPatchError("init=static starts from the static adapter's own matrices: use targets='mlp'")
         with tempfile.TemporaryDirectory() as d:
@@ -131,5 +144,5 @@ def distill_lora(model: nn.Module, context_ids: Tensor, calibration_queries: Seq
             evaluate(step)
     student.eval()
     return DistillResult(history, student, {"rank": rank, "targets": targets, "steps": steps, "lr": lr,
-                                            "init": "static" if init is not None else "lora-default",
+                                            "init": f"static ({init_mode})" if init is not None else "lora-default",
                                             "seed": seed, "keep_prefix": keep, "renumber_positions": renumber})

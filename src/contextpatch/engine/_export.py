@@ -2,6 +2,7 @@
 
     to_peft(layers, meta, model, dir)   adapter_config.json + adapter_model.safetensors that
                                         ``peft.PeftModel.from_pretrained(base, dir)`` loads
+    merged_tensors(layers, meta, model) the merged values without touching the model (``applied(model, dense=True)``)
     merge(layers, meta, model)          W ← W + U Vᵀ (Conv1D: its transpose; MLP matrices and, with attention=True,
                                         the attention output projection), b ← b + Δb, norm gain ← gain + Δs
     save_merged(layers, meta, model, dir)   ``merge`` then ``save_pretrained`` (AutoModel*.from_pretrained loads it)
@@ -28,7 +29,7 @@ from .._io import atomic_folder
 from ..adapters import get_adapter
 from ._records import LayerPatch, PatchMeta
 
-__all__ = ["to_peft", "merge", "save_merged"]
+__all__ = ["to_peft", "merge", "merged_tensors", "save_merged"]
 
 
 def _paths(model: nn.Module) -> dict[int, str]:
@@ -99,30 +100,42 @@ def to_peft(layers: list[LayerPatch], meta: PatchMeta, model: nn.Module, directo
     return Path(directory)
 
 
+def merged_tensors(layers: list[LayerPatch], meta: PatchMeta,
+                   model: nn.Module) -> list[tuple[nn.Module, str, torch.Tensor]]:
+    """(module, parameter name, merged value) of every parameter the adapter changes: W + ΔW (Conv1D: its
+    transpose), b + Δb, gain + Δs, summed in float64 and cast to the parameter's dtype; ``model`` is not touched."""
+    adapter = get_adapter(model)
+    conv1d = bool(meta.options.get("conv1d"))
+    deltas: dict[tuple[int, str], tuple[nn.Module, str, torch.Tensor]] = {}
+
+    def add(mod: nn.Module, name: str, delta: torch.Tensor, transpose: bool = False) -> None:
+        param = getattr(mod, name)
+        delta = (delta.T if transpose else delta).to(device=param.device, dtype=torch.float64)
+        key = (id(mod), name)
+        deltas[key] = (mod, name, deltas[key][2] + delta if key in deltas else delta)
+
+    for b, lp in zip(adapter.resolve(model), layers, strict=True):
+        for path, p in lp.inputs.items():
+            add(b.inputs[path], "weight", p.dense(), conv1d)
+        if lp.out_weight is not None:
+            add(b.output, "weight", lp.out_weight.dense(), conv1d)
+        if lp.attn_out is not None:
+            add(_attention(b, meta), "weight", lp.attn_out.dense(), conv1d)
+        if lp.out_bias is not None:
+            add(b.output, "bias", lp.out_bias)
+        if lp.out_scale is not None:
+            add(b.scale_norm, "weight", lp.out_scale)      # (offset + w + Δs) ⊙ u = (offset + w) ⊙ u + Δs ⊙ u
+    with torch.no_grad():
+        return [(mod, name, (getattr(mod, name).double() + d).to(getattr(mod, name).dtype))
+                for mod, name, d in deltas.values()]
+
+
 def merge(layers: list[LayerPatch], meta: PatchMeta, model: nn.Module, *, inplace: bool = False) -> nn.Module:
     """A model with the adapter folded into its weights (a deep copy unless ``inplace``); sums in float64."""
     target = model if inplace else copy.deepcopy(model)
-    adapter = get_adapter(target)
-    conv1d = bool(meta.options.get("conv1d"))
-
-    def add(param: nn.Parameter, delta: torch.Tensor) -> None:
-        with torch.no_grad():
-            param.copy_((param.double() + delta.to(device=param.device, dtype=torch.float64)).to(param.dtype))
-
-    for b, lp in zip(adapter.resolve(target), layers, strict=True):
-        for path, p in lp.inputs.items():
-            d = p.dense()
-            add(b.inputs[path].weight, d.T if conv1d else d)
-        if lp.out_weight is not None:
-            d = lp.out_weight.dense()
-            add(b.output.weight, d.T if conv1d else d)
-        if lp.attn_out is not None:
-            d = lp.attn_out.dense()
-            add(_attention(b, meta).weight, d.T if conv1d else d)
-        if lp.out_bias is not None:
-            add(b.output.bias, lp.out_bias)
-        if lp.out_scale is not None:
-            add(b.scale_norm.weight, lp.out_scale)      # (offset + w + Δs) ⊙ u = (offset + w) ⊙ u + Δs ⊙ u
+    with torch.no_grad():
+        for mod, name, value in merged_tensors(layers, meta, target):
+            getattr(mod, name).copy_(value)
     return target
 
 

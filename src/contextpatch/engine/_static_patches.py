@@ -5,13 +5,17 @@ One :class:`~contextpatch.engine.LayerPatch` per block with NO token dimensions 
 (``out_bias`` (d,), ``out_weight`` (d, r)/(d_g, r), or ``out_scale`` (d,) for Gemma-2/3's post-FF norm).
 
 ``applied(model)`` adds them to EVERY token of ANY input as side paths ``y ← y + (x V) Uᵀ`` (+ Δb, + Δs ⊙ u),
-computed in the compute dtype (≥ float32) and never materialising W + ΔW; the weights are untouched. Files:
+computed in the compute dtype (≥ float32) and never materialising W + ΔW; the weights are untouched.
+``applied(model, dense=True)`` instead runs each patched module's own forward on W + ΔW, computed once on entry
+(the values ``merge`` writes): the speed of a merged model, one extra copy of each patched matrix in memory, and
+the parameters still untouched (the module's ``forward`` is overridden while active and restored on exit). Files:
 ``static.safetensors`` + ``static.json`` (the format of ``_files.py``); a wrong model or a damaged or edited file
 raises :class:`PatchFileError`.
 """
 
 from __future__ import annotations
 
+import copy
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -25,7 +29,7 @@ from .._errors import PatchFileError
 from .._patches import LowRankPatch, ScalePatch, VectorPatch
 from ..adapters import get_adapter
 from ._attention_slot import attention_modules
-from ._export import merge, save_merged, to_peft
+from ._export import merge, merged_tensors, save_merged, to_peft
 from ._files import load_patch_dir, save_patch_dir
 from ._identity import check_same_model
 from ._model import compute_dtype, norm_eps, rms_unit
@@ -95,6 +99,34 @@ def static_hooks(model: nn.Module, layers: list[LayerPatch], slot: str, attentio
     return handles
 
 
+class _DenseForward:
+    """``mod.forward`` ← the forward of a shallow copy of ``mod`` whose changed parameters hold their merged values:
+    the module runs its own code (nn.Linear, Conv1D, a norm) on W + ΔW, with no per-call cost beyond it.
+    Hooks of ``mod`` still run; its parameters and ``state_dict`` are untouched. ``remove()`` restores ``forward``."""
+
+    def __init__(self, mod: nn.Module, values: dict[str, Tensor]):
+        twin = copy.copy(mod)
+        merged = {k: nn.Parameter(v, requires_grad=False) for k, v in values.items()}
+        twin.__dict__["_parameters"] = {**mod._parameters, **merged}
+        self.mod = mod
+        mod.forward = twin.forward
+
+    def remove(self) -> None:
+        self.mod.__dict__.pop("forward", None)
+
+
+def dense_overrides(model: nn.Module, layers: list[LayerPatch], meta: PatchMeta) -> list | None:
+    """:class:`_DenseForward` handles for every patched module, or None (nothing overridden) when one of them has
+    its ``forward`` overridden already (an enclosing ``applied(dense=True)``, accelerate's offload hooks): the
+    caller then falls back to side paths."""
+    by_module: dict[int, tuple[nn.Module, dict[str, Tensor]]] = {}
+    for mod, name, value in merged_tensors(layers, meta, model):
+        by_module.setdefault(id(mod), (mod, {}))[1][name] = value
+    if any("forward" in mod.__dict__ for mod, _ in by_module.values()):
+        return None
+    return [_DenseForward(mod, values) for mod, values in by_module.values()]
+
+
 @dataclass
 class StaticPatches:
     """Query-independent patches of one context: one :class:`LayerPatch` per block (module docstring) and a
@@ -162,11 +194,17 @@ class StaticPatches:
             raise PatchFileError(f"this static adapter covers {self.num_layers} layers, the model has another count")
 
     @contextmanager
-    def applied(self, model: nn.Module):
+    def applied(self, model: nn.Module, *, dense: bool = False):
         """While active, every forward pass of ``model`` (any tokens, batch size, length) runs with the static
-        patches as side paths. The parameters are never modified; the hooks are removed on exit."""
+        patches. ``dense=False``: as side paths ``y + (x V) Uᵀ`` (hooks; no extra weight memory). ``dense=True``:
+        each patched module runs on W + ΔW computed once on entry (the merged model's values and speed; one copy
+        of each patched matrix; side paths instead where a module's forward is already overridden). The
+        parameters are never modified; everything is removed on exit. Entry checks the model's weight
+        fingerprint (every parameter is read once)."""
         self.check_model(model)
-        handles = static_hooks(model, self.layers, self.slot, self.attention_module)
+        handles = dense_overrides(model, self.layers, self.meta) if dense else None
+        if handles is None:
+            handles = static_hooks(model, self.layers, self.slot, self.attention_module)
         try:
             yield model
         finally:

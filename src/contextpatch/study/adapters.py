@@ -325,6 +325,7 @@ def _rank_key(rank: int | None) -> str:
 
 def compare_methods(model: nn.Module, context: FixedContext, *, ranks: Sequence[int | None] = (1, 4, 16, None),
                     lora_rank: int = 4, steps: int = 150, lr: float = 1e-2, hybrid_lr: float = 3e-3,
+                    hybrid_mode: str = "factors",
                     eval_every: int = 5, ridge: float = 1e-3, ridges: Sequence[float] = (1e-3, 1e-2, 1e-1, 1.0),
                     all_linear: bool = True, diagnose: Callable | None = None, output_patch: str = "auto",
                     seed: int = 0) -> dict:
@@ -346,6 +347,7 @@ def compare_methods(model: nn.Module, context: FixedContext, *, ranks: Sequence[
         hybrid, hybrid_attn       distillation from static/drop_in/r{lora_rank} and static_attn/drop_in/r{lora_rank}
         hybrid_cv                 distillation from static_rrr/drop_in/r{lora_rank} (CV ridge, same matrices as
                                   distill_mlp: the fair hybrid; the default ridge overfits the calibration tokens)
+                                  (``hybrid_mode``: ``distill_lora``'s ``init_mode``, "factors" or "residual")
 
     ``diagnose``: a diagnostics function (``adapter_diagnostics.diagnostics``; passed in so that the diagnostics
     module can import this one and not the reverse), adding ``diagnostics``: the context's attention share, and
@@ -434,7 +436,7 @@ def compare_methods(model: nn.Module, context: FixedContext, *, ranks: Sequence[
         distill("distill_all", targets="all-linear", lr=lr, **DROP_IN)
     for name, start in HYBRIDS.items():
         if (start, "drop_in", lora_rank) in keep:
-            distill(name, init=keep[(start, "drop_in", lora_rank)], lr=hybrid_lr)
+            distill(name, init=keep[(start, "drop_in", lora_rank)], lr=hybrid_lr, init_mode=hybrid_mode)
     out["bars"] = context_bars(out, lora_rank=lora_rank)
     if diagnose is not None:
         out["diagnostics"] = diagnose(model, context, batches["drop_in"], teacher, {
