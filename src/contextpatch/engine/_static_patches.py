@@ -124,7 +124,15 @@ def dense_overrides(model: nn.Module, layers: list[LayerPatch], meta: PatchMeta)
         by_module.setdefault(id(mod), (mod, {}))[1][name] = value
     if any("forward" in mod.__dict__ for mod, _ in by_module.values()):
         return None
-    return [_DenseForward(mod, values) for mod, values in by_module.values()]
+    handles: list[_DenseForward] = []
+    try:
+        for mod, values in by_module.values():
+            handles.append(_DenseForward(mod, values))
+    except BaseException:
+        for h in handles:           # nothing half-applied
+            h.remove()
+        raise
+    return handles
 
 
 @dataclass
@@ -198,9 +206,10 @@ class StaticPatches:
         """While active, every forward pass of ``model`` (any tokens, batch size, length) runs with the static
         patches. ``dense=False``: as side paths ``y + (x V) Uᵀ`` (hooks; no extra weight memory). ``dense=True``:
         each patched module runs on W + ΔW computed once on entry (the merged model's values and speed; one copy
-        of each patched matrix; side paths instead where a module's forward is already overridden). The
-        parameters are never modified; everything is removed on exit. Entry checks the model's weight
-        fingerprint (every parameter is read once)."""
+        of each patched matrix; side paths instead where a module's forward is already overridden; for inference:
+        the patched modules' own parameters get no gradient while it is active). The parameters are never
+        modified; everything is removed on exit. Entry checks the model's weight fingerprint (every parameter is
+        read once)."""
         self.check_model(model)
         handles = dense_overrides(model, self.layers, self.meta) if dense else None
         if handles is None:
