@@ -1,4 +1,4 @@
-"""CLI: ``contextpatch extract`` and ``contextpatch verify`` (typer CliRunner)."""
+"""CLI: ``contextpatch extract``, ``verify`` and ``generate`` (typer CliRunner)."""
 
 from __future__ import annotations
 
@@ -70,7 +70,40 @@ def test_real_model_path(tmp_path):
     assert d["arch"] == "bert" and d["max_abs_diff"] <= 1e-4 and d["control_max_abs_diff"] > 1e-2
 
 
-@pytest.mark.parametrize("cmd", ["extract", "verify"])
+@pytest.mark.parametrize("arch,dtype,bound", [("gpt2", "float64", 1e-10), ("llama", "float32", 1e-4)])
+def test_generate_matches_hf_generate_with_the_context(arch, dtype, bound):
+    """The tokens generated without the context equal transformers' own greedy ``generate`` WITH the context (an
+    independent reference); the unpatched control is far off."""
+    import torch
+
+    from contextpatch.adapters import tiny_model
+
+    ctx, q = [5, 17, 42, 8, 9, 23, 61], [11, 30, 7]
+    res, out = run("generate", "--arch", arch, "--random", "--dtype", dtype, "--context", ",".join(map(str, ctx)),
+                   "--query", " ".join(map(str, q)), "--max-new-tokens", "6", "--json")
+    assert res.exit_code == 0, res.output
+    d = json.loads(out)
+    m = tiny_model(arch, dtype=getattr(torch, dtype), seed=0)
+    x = torch.tensor([ctx + q])
+    with torch.no_grad():
+        hf = m.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=6, do_sample=False,
+                        pad_token_id=0)[0, x.shape[1]:].tolist()
+    assert d["tokens"] == hf == d["with_context_tokens"] and d["agreement"] == 1.0
+    assert d["max_abs_diff"] <= bound and d["control_max_abs_diff"] > 1e-2 and d["seed"] == 0
+
+
+def test_generate_text_on_the_shipped_zoo_model():
+    from contextpatch import zoo
+
+    res, out = run("generate", "--model", str(zoo.path("icl-llama")), "--context", "mode: reverse ;",
+                   "--query", "4 1 9 =>", "--max-new-tokens", "3")
+    text = " ".join(out.split())
+    assert res.exit_code == 0, res.output
+    assert "without the context, patched : 9 1 4" in text and "with the context (plain pass) : 9 1 4" in text
+    assert "agreement 1.00" in text and "(control)" in text
+
+
+@pytest.mark.parametrize("cmd", ["extract", "verify", "generate"])
 def test_help(cmd):
     res, out = run(cmd, "--help")
     assert res.exit_code == 0 and "--arch" in out and "--dtype" in out and "--device" in out
@@ -86,6 +119,8 @@ def test_help(cmd):
     (["verify", "--arch", "llama", "--random", "--output-patch", "bias"], "no bias"),
     (["verify", "--model", "/nonexistent/model/dir", "--context", "a", "--query", "b"], "no such folder"),
     (["extract", "--arch", "llama", "--random", "--out", "/proc/nope/x"], "could not write"),
+    (["generate", "--arch", "bert", "--random"], "not a causal language model"),
+    (["generate", "--arch", "llama", "--random", "--max-new-tokens", "0"], "max_new_tokens"),
 ])
 def test_bad_input_one_clear_message(args, msg):
     res = runner.invoke(app, args)

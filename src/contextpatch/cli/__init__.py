@@ -4,7 +4,7 @@ from . import (
     _core,  # noqa: F401  (registers verify-block)
     _dynamics,  # noqa: F401  (registers dynamics)
     _experiments,  # noqa: F401  (registers reproduce, experiment, train)
-    _hf,  # noqa: F401  (registers extract, verify)
+    _hf,  # noqa: F401  (registers extract, verify, generate)
     _static,  # noqa: F401  (registers compress)
     _study,  # noqa: F401  (registers study)
     _zoo,  # noqa: F401  (registers zoo list|train|eval)
