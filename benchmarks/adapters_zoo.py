@@ -37,7 +37,8 @@ from _common import machine  # noqa: E402
 FAMILY_ORDER = ("function", "facts", "instruction")
 CURVES = (("distill_mlp", "LoRA distillation, MLP matrices"), ("distill_all", "LoRA distillation, all linear"),
           ("hybrid", "hybrid: from static (MLP, default fit)"), ("hybrid_attn", "hybrid: from static + attention"),
-          ("hybrid_cv", "hybrid: from static (MLP, CV ridge + RRR)"))
+          ("hybrid_cv", "hybrid: from static (MLP, CV ridge + RRR)"),
+          ("hybrid_shrunk", "hybrid: from static (MLP, ridge 1: shrunk), distillation's lr"))
 POINTS = (("static", "drop_in", "full", "static, default fit", "s"),
           ("static_cv", "drop_in", "full", "static, CV ridge", "D"),
           ("static_attn", "drop_in", "full", "static + attention slot (CV ridge)", "*"),
@@ -123,6 +124,10 @@ def family_table(results: list[dict]) -> list[dict]:
                 row(f"static + attention {rk} (drop-in)", lambda r, k=rk: r["static_attn"]["drop_in"][k],
                     lambda v: v["fit_s"])
         row("static + attention full (fitted)", lambda r: r["static_attn"]["fitted"]["full"], lambda v: v["fit_s"])
+        if "static_shrunk" in rs[0]:
+            rk = next(iter(rs[0]["static_shrunk"]["drop_in"]))
+            row(f"static {rk}, ridge {rs[0]['static_shrunk']['drop_in'][rk]['ridge']:g} + RRR (drop-in; the "
+                "shrunk hybrid's start)", lambda r, k=rk: r["static_shrunk"]["drop_in"][k], lambda v: v["fit_s"])
         for name, label in CURVES:
             if name in rs[0]:
                 row(f"{label}, {rs[0][name]['final']['step']} steps", lambda r, n=name: r[n]["final"],
@@ -329,6 +334,8 @@ def main(argv=None) -> int:
     ap.add_argument("--lora-rank", type=int, default=4)
     ap.add_argument("--lr", type=float, default=1e-2, help="distillation learning rate")
     ap.add_argument("--hybrid-lr", type=float, default=3e-3, help="hybrid learning rate (starts near the optimum)")
+    ap.add_argument("--hybrid-ridge", type=float, default=1.0,
+                    help="ridge of the shrunk hybrid's static start (hybrid_shrunk; trained at --lr)")
     ap.add_argument("--hybrid-mode", default="factors", choices=["factors", "residual"],
                     help="factors: LoRA factors start at the static adapter; residual: static merged into the frozen "
                          "base, a fresh LoRA (distillation's own init) on top")
@@ -390,8 +397,8 @@ def main(argv=None) -> int:
         for c in contexts:
             results.append(compare_methods(model, c, ranks=ranks, lora_rank=a.lora_rank, steps=a.steps, lr=a.lr,
                                            hybrid_lr=a.hybrid_lr, hybrid_mode=a.hybrid_mode,
-                                           eval_every=a.eval_every, ridge=a.ridge, diagnose=diagnostics,
-                                           output_patch=a.output_patch, seed=a.seed))
+                                           hybrid_ridge=a.hybrid_ridge, eval_every=a.eval_every, ridge=a.ridge,
+                                           diagnose=diagnostics, output_patch=a.output_patch, seed=a.seed))
             print(f"  {desc['name']}: {c.name} done ({time.perf_counter() - t0:.0f} s)", flush=True)
         rows, b, diag = family_table(results), bars(results), diagnostics_summary(results)
         print_table(desc, rows, b)
@@ -404,7 +411,8 @@ def main(argv=None) -> int:
                                      "diagnostics": diag, "calibration_sweep": sweep,
                                      "seconds": time.perf_counter() - t0}
     meta = {"seed": a.seed, "steps": a.steps, "eval_every": a.eval_every, "lora_rank": a.lora_rank, "lr": a.lr,
-            "hybrid_lr": a.hybrid_lr, "hybrid_mode": a.hybrid_mode, "ridge": a.ridge, "facts_split": a.facts_split,
+            "hybrid_lr": a.hybrid_lr, "hybrid_mode": a.hybrid_mode,
+            "hybrid_ridge": a.hybrid_ridge, "ridge": a.ridge, "facts_split": a.facts_split,
             "output_patch": a.output_patch, "ranks": [r or "full" for r in ranks], "quick": a.quick,
             "machine": machine(), "seconds": time.perf_counter() - t_all,
             "command": "python benchmarks/adapters_zoo.py " + " ".join(sys.argv[1:] if argv is None else argv)}

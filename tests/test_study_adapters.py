@@ -135,18 +135,20 @@ def test_compare_methods_plumbing_on_a_tiny_random_model():
     assert set(res["static"]) == {"drop_in", "fitted"} and set(res["static"]["drop_in"]) == {"r2", "full"}
     assert set(res["static_attn"]["drop_in"]) == {"r2", "full"} and res["static_cv"]["drop_in"]["full"]["ridge"] in (
         1e-2, 1.0)
-    for name in ("distill_mlp", "distill_all", "hybrid", "hybrid_attn", "hybrid_cv"):
+    for name in ("distill_mlp", "distill_all", "hybrid", "hybrid_attn", "hybrid_cv", "hybrid_shrunk"):
         assert [h["step"] for h in res[name]["history"]] == [0, 2, 4]
         assert res[name]["history"][-1]["forward_backward"] == 4 and "accuracy" in res[name]["history"][-1]
     # the hybrid's step 0 is the static adapter it starts from, measured by two code paths (peft vs hooks)
     for hyb, (meth, rk) in (("hybrid", ("static", "r2")), ("hybrid_attn", ("static_attn", "r2")),
-                            ("hybrid_cv", ("static_rrr", "r2"))):
+                            ("hybrid_cv", ("static_rrr", "r2")), ("hybrid_shrunk", ("static_shrunk", "r2"))):
         assert res[hyb]["history"][0]["kl"] == pytest.approx(res[meth]["drop_in"][rk]["kl"], rel=1e-4, abs=1e-7)
     assert res["with_context"]["accuracy"] == A.answer_accuracy(
         A.with_context(model, c, A.run_queries(model, c, c.held_out, **A.DROP_IN)), c.held_out)
     b = res["bars"]
     assert set(b["speedup"]) == {"static", "static_attn", "static_attn_r2"}
     assert all(v["ratio"] >= 0 for v in b["speedup"].values()) and "hybrid_steps" in b and "hybrid_cv_steps" in b
+    assert "hybrid_shrunk_steps" in b and res["static_shrunk"]["drop_in"]["r2"]["ridge"] == 1.0
+    assert res["hybrid_shrunk"]["config"]["lr"] == 1e-2 and res["hybrid"]["config"]["lr"] == 3e-3
     d = res["diagnostics"]
     assert set(d["mismatch"]) == {"static", "static_cv", "static_attn", "distill_mlp"}
     assert len(d["context_attention"]) == 2

@@ -316,7 +316,8 @@ FITTED = {"keep_prefix": 0, "renumber_positions": False}     # QUERY alone at it
 
 #: the hybrids of :func:`compare_methods`: LoRA distillation started from the drop-in static adapter of this
 #: method at rank ``lora_rank``
-HYBRIDS = {"hybrid": "static", "hybrid_attn": "static_attn", "hybrid_cv": "static_rrr"}
+HYBRIDS = {"hybrid": "static", "hybrid_attn": "static_attn", "hybrid_cv": "static_rrr",
+           "hybrid_shrunk": "static_shrunk"}
 
 
 def _rank_key(rank: int | None) -> str:
@@ -325,7 +326,7 @@ def _rank_key(rank: int | None) -> str:
 
 def compare_methods(model: nn.Module, context: FixedContext, *, ranks: Sequence[int | None] = (1, 4, 16, None),
                     lora_rank: int = 4, steps: int = 150, lr: float = 1e-2, hybrid_lr: float = 3e-3,
-                    hybrid_mode: str = "factors",
+                    hybrid_mode: str = "factors", hybrid_ridge: float = 1.0,
                     eval_every: int = 5, ridge: float = 1e-3, ridges: Sequence[float] = (1e-3, 1e-2, 1e-1, 1.0),
                     all_linear: bool = True, diagnose: Callable | None = None, output_patch: str = "auto",
                     seed: int = 0) -> dict:
@@ -348,6 +349,11 @@ def compare_methods(model: nn.Module, context: FixedContext, *, ranks: Sequence[
         hybrid_cv                 distillation from static_rrr/drop_in/r{lora_rank} (CV ridge, same matrices as
                                   distill_mlp: the fair hybrid; the default ridge overfits the calibration tokens)
                                   (``hybrid_mode``: ``distill_lora``'s ``init_mode``, "factors" or "residual")
+        static_shrunk/drop_in/r{lora_rank}   MLP only, RRR, ridge ``hybrid_ridge`` (strong: λ = mean ‖key‖²) —
+                                  a start that does NOT interpolate the calibration tokens
+        hybrid_shrunk             distillation from static_shrunk at distillation's own ``lr``: the start moves
+                                  toward the context and leaves the gradient that an interpolating start removes
+                                  (docs/adapters.md)
 
     ``diagnose``: a diagnostics function (``adapter_diagnostics.diagnostics``; passed in so that the diagnostics
     module can import this one and not the reverse), adding ``diagnostics``: the context's attention share, and
@@ -418,6 +424,9 @@ def compare_methods(model: nn.Module, context: FixedContext, *, ranks: Sequence[
         keep[("static_rrr", "drop_in", r)] = st
     st, t = timed_fit(ridge=best, attention=True, output_patch=output_patch, **FITTED)
     out["static_attn"]["fitted"] = {"full": measure(st, "fitted", t, ridge=best)}
+    st, t = timed_fit(ridge=hybrid_ridge, rank=lora_rank, rank_method="rrr", output_patch=output_patch, **DROP_IN)
+    out["static_shrunk"] = {"drop_in": {_rank_key(lora_rank): measure(st, "drop_in", t, ridge=hybrid_ridge)}}
+    keep[("static_shrunk", "drop_in", lora_rank)] = st
 
     def metrics(logits: Tensor) -> dict:
         return {"accuracy": answer_accuracy(logits, held)}
@@ -436,7 +445,8 @@ def compare_methods(model: nn.Module, context: FixedContext, *, ranks: Sequence[
         distill("distill_all", targets="all-linear", lr=lr, **DROP_IN)
     for name, start in HYBRIDS.items():
         if (start, "drop_in", lora_rank) in keep:
-            distill(name, init=keep[(start, "drop_in", lora_rank)], lr=hybrid_lr, init_mode=hybrid_mode)
+            distill(name, init=keep[(start, "drop_in", lora_rank)], lr=lr if name == "hybrid_shrunk" else hybrid_lr,
+                    init_mode=hybrid_mode)
     out["bars"] = context_bars(out, lora_rank=lora_rank)
     if diagnose is not None:
         out["diagnostics"] = diagnose(model, context, batches["drop_in"], teacher, {
