@@ -241,8 +241,10 @@ def generate_cmd(model: str = _MODEL, arch: Family = _ARCH, random: bool = _RAND
         return
     console.print(f"{inp.arch} ({d['dtype']}): {k} new tokens from the {d['num_query_tokens']} kept tokens alone, "
                   "patched on the fly")
-    console.print(f"  without the context, patched   : {show(new)}")
-    console.print(f"  with the context (plain pass)  : {show(ref)}")
-    console.print(f"  without the context, unpatched : {show(plain_new)}   (control)")
+    from rich.markup import escape  # model text is data, never rich markup
+
+    console.print(f"  without the context, patched   : {escape(str(show(new)))}")
+    console.print(f"  with the context (plain pass)  : {escape(str(show(ref)))}")
+    console.print(f"  without the context, unpatched : {escape(str(show(plain_new)))}   (control)")
     console.print(f"  agreement {d['agreement']:.2f}; max |patched − with-context| logit = {d['max_abs_diff']:.3e}; "
                   f"control |unpatched − with-context| = {d['control_max_abs_diff']:.3e}")
