@@ -156,6 +156,17 @@ def setup(variant: str, quick: bool, n: int, static_dir: str | None = None):
     return _generator(model, without, new)
 
 
+def _dense_bytes(static, model) -> int:
+    """Bytes of the W + ΔW copies that ``applied(dense=True)`` holds: one per patched matrix, bias or gain."""
+    item = next(model.parameters()).element_size()
+    n = 0
+    for lp in static.layers:
+        for p in [*lp.inputs.values(), lp.out_weight, lp.attn_out]:
+            n += 0 if p is None else p.U.shape[0] * p.V.shape[0]
+        n += sum(v.numel() for v in (lp.out_bias, lp.out_scale) if v is not None)
+    return n * item
+
+
 def _enter_exit(static, model, *, dense: bool) -> None:
     with static.applied(model, dense=dense):
         pass
@@ -203,7 +214,9 @@ def main(quick: bool = False, out: Path | None = None) -> list[dict]:
                              "bar": "≤ 1.15", "met": r <= 1.15,
                              "detail": {"applied_s": round(t[v], 4), "merged_s": round(t["c"], 4),
                                         "once_entering_applied_s": round(entry[v], 4),
-                                        "once_merging_s": round(entry["c"], 4)}})
+                                        "once_merging_s": round(entry["c"], 4),
+                                        "extra_weight_MiB": round(_dense_bytes(static, model) / 2**20, 2)
+                                        if v == "e" else round(static.nbytes() / 2**20, 2)}})
             if n == max(ctxs):
                 ra_c = t["a"] / t["c"]
                 rows.append({"target": f"(a) with context / (c) merged time at {n}", "measured": f"{ra_c:.2f}x",
