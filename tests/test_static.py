@@ -147,6 +147,14 @@ def test_save_load_round_trip_and_wrong_model(tmp_path):
     with pytest.raises(PatchFileError, match="different model"):
         with back.applied(tiny_model("llama", dtype=torch.float32, seed=0)):
             pass
+    # check_weights=False skips only the fingerprint (the caller's promise); another config is still refused
+    other = tiny_model("gemma3", dtype=torch.float32, seed=1)
+    with back.applied(other, check_weights=False):
+        c = _logits(other, x, None)
+    assert torch.isfinite(c).all() and not torch.equal(c, a)
+    with pytest.raises(PatchFileError, match="different model"):
+        with back.applied(tiny_model("llama", dtype=torch.float32, seed=0), check_weights=False):
+            pass
     # corrupted tensor file, broken metadata, missing file
     f = tmp_path / "a" / "static.safetensors"
     data = bytearray(f.read_bytes())
