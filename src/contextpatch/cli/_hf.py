@@ -217,8 +217,7 @@ def generate_cmd(model: str = _MODEL, arch: Family = _ARCH, random: bool = _RAND
     k = max_new_tokens
     with_ctx = _plain_logits(inp.model, full, full_pos)[:, -k:]
     without = _plain_logits(inp.model, free, free_pos)[:, -k:]
-    plain_tokens = free[:, :lay.query_ids.shape[1]]
-    plain_pos = lay.position_ids
+    plain_tokens, plain_pos = lay.query_ids, lay.position_ids
     for _ in range(k):                            # the control's own greedy continuation, for the reader
         nxt = _plain_logits(inp.model, plain_tokens, plain_pos)[:, -1].argmax(-1, keepdim=True)
         plain_tokens, plain_pos = torch.cat([plain_tokens, nxt], 1), torch.cat([plain_pos, plain_pos[:, -1:] + 1], 1)

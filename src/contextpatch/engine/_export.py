@@ -125,9 +125,12 @@ def merged_tensors(layers: list[LayerPatch], meta: PatchMeta,
             add(b.output, "bias", lp.out_bias)
         if lp.out_scale is not None:
             add(b.scale_norm, "weight", lp.out_scale)      # (offset + w + Δs) ⊙ u = (offset + w) ⊙ u + Δs ⊙ u
+    out = []
     with torch.no_grad():
-        return [(mod, name, (getattr(mod, name).double() + d).to(getattr(mod, name).dtype))
-                for mod, name, d in deltas.values()]
+        for mod, name, d in deltas.values():
+            param = getattr(mod, name)
+            out.append((mod, name, (param.double() + d).to(param.dtype)))
+    return out
 
 
 def merge(layers: list[LayerPatch], meta: PatchMeta, model: nn.Module, *, inplace: bool = False) -> nn.Module:

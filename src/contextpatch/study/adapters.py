@@ -318,6 +318,8 @@ FITTED = {"keep_prefix": 0, "renumber_positions": False}     # QUERY alone at it
 #: method at rank ``lora_rank``
 HYBRIDS = {"hybrid": "static", "hybrid_attn": "static_attn", "hybrid_cv": "static_rrr",
            "hybrid_shrunk": "static_shrunk"}
+#: hybrids trained at distillation's own ``lr`` (their start is far from the optimum); the others use ``hybrid_lr``
+_OWN_LR = {"hybrid_shrunk"}
 
 
 def _rank_key(rank: int | None) -> str:
@@ -445,7 +447,7 @@ def compare_methods(model: nn.Module, context: FixedContext, *, ranks: Sequence[
         distill("distill_all", targets="all-linear", lr=lr, **DROP_IN)
     for name, start in HYBRIDS.items():
         if (start, "drop_in", lora_rank) in keep:
-            distill(name, init=keep[(start, "drop_in", lora_rank)], lr=lr if name == "hybrid_shrunk" else hybrid_lr,
+            distill(name, init=keep[(start, "drop_in", lora_rank)], lr=lr if name in _OWN_LR else hybrid_lr,
                     init_mode=hybrid_mode)
     out["bars"] = context_bars(out, lora_rank=lora_rank)
     if diagnose is not None:
